@@ -1,0 +1,21 @@
+"""Sampling math of the MAGI-1 chunk pipeline: schedules, Euler step, guidance.
+
+Pure functions without hidden state (DESIGN.md section 3); the chunk
+staggering that decides which chunk is at which step lives in the plain-Python
+:mod:`cluster.scheduler.chunk_scheduler`, fed with ``init_t(...).tolist()`` and
+``init_intervals(...)``.
+"""
+
+from stages.sampling.euler import euler_step
+from stages.sampling.guidance import cfg_scales, combine_cfg3, distill_blend
+from stages.sampling.schedule import SHORTCUT_MODES, init_intervals, init_t
+
+__all__ = [
+    "SHORTCUT_MODES",
+    "cfg_scales",
+    "combine_cfg3",
+    "distill_blend",
+    "euler_step",
+    "init_intervals",
+    "init_t",
+]
