@@ -1,0 +1,195 @@
+"""Transformer layer of the MAGI-1 DiT (reference ``TransformerLayer`` and its parts).
+
+Tokens are packed without a batch dim: hidden states are (S, D) with S ordered
+(chunk, T, H, W); per-chunk quantities (adaLN gates) are gathered with a token->chunk map.
+Names of modules/parameters equal the reference so state_dict keys match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stages.config import DiTConfig
+from stages.dit.attention import RangeAttention
+from stages.dit.embed import FusedLayerNorm, apply_rotary
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class LayerContext:
+    """Per-forward tensors shared by every layer (built once by :class:`stages.dit.model.MagiDiT`).
+
+    Attributes:
+        rope_sin, rope_cos: (S, R) float32 RoPE table rows for the window's tokens.
+        token_chunk: (S,) int64 window-chunk index of every token.
+        q_ranges: (K, 2) int64 token range of each chunk in the window.
+        kv_ranges: (K, 2) int64 key range of each chunk over keys = [history | window].
+        y_xattn: (Ny, D) valid caption tokens of all chunks after ``y_proj_xattn`` + SiLU.
+        y_ranges: (K, 2) int64 range of each chunk's caption tokens in ``y_xattn``.
+        attention: the :class:`RangeAttention` backend.
+    """
+
+    rope_sin: torch.Tensor
+    rope_cos: torch.Tensor
+    token_chunk: torch.Tensor
+    q_ranges: torch.Tensor
+    kv_ranges: torch.Tensor
+    y_xattn: torch.Tensor
+    y_ranges: torch.Tensor
+    attention: RangeAttention
+
+
+class AdaModulateLayer(nn.Module):
+    """``Linear(SiLU(c))`` -> 2 * hidden gates (reference ``AdaModulateLayer``)."""
+
+    def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
+        super().__init__()
+        cond = int(cfg.hidden_size * cfg.cond_hidden_ratio)
+        out = int(cfg.hidden_size * cfg.cond_gating_ratio * 2)
+        self.act = nn.SiLU()
+        self.proj = nn.Sequential(nn.Linear(cond, out, bias=True, dtype=dtype))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(c))
+
+
+class CustomLayerNormLinear(nn.Module):
+    """Pre-attention LayerNorm (plain torch LayerNorm, no +1) and the q, qx, k, v projections."""
+
+    def __init__(self, cfg: DiTConfig, q_size: int, kv_size: int, dtype: torch.dtype):
+        super().__init__()
+        d = cfg.hidden_size
+        self.layer_norm = nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=dtype)
+        self.q = nn.Linear(d, q_size, bias=False, dtype=dtype)
+        self.qx = nn.Linear(d, q_size, bias=False, dtype=dtype)
+        self.k = nn.Linear(d, kv_size, bias=False, dtype=dtype)
+        self.v = nn.Linear(d, kv_size, bias=False, dtype=dtype)
+
+
+class FullyParallelAttention(nn.Module):
+    """Self-attention (with KV history) and caption cross-attention computed side by side.
+
+    Reference ``FullyParallelAttention``. Quirks reproduced: per-head q/k LayerNorm (``+1``
+    gain) in float32 before RoPE; cross-attention K/V come from one linear whose output is
+    viewed as (tokens, groups, [k | v]), i.e. k and v interleaved per kv group; only k gets
+    ``k_layernorm_xattn``; cross-attention queries get ``q_layernorm_xattn`` and no RoPE.
+    """
+
+    def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
+        super().__init__()
+        self.head_dim = cfg.kv_channels
+        self.num_heads = cfg.num_attention_heads
+        self.num_groups = cfg.num_query_groups
+        q_size = cfg.kv_channels * cfg.num_attention_heads
+        kv_size = cfg.kv_channels * cfg.num_query_groups
+        self.linear_qkv = CustomLayerNormLinear(cfg, q_size, kv_size, dtype)
+        self.linear_kv_xattn = nn.Linear(int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio), 2 * kv_size, bias=False, dtype=dtype)
+        self.linear_proj = nn.Linear(2 * q_size, cfg.hidden_size, bias=False, dtype=dtype)
+        self.q_layernorm = FusedLayerNorm(cfg, self.head_dim, dtype)
+        self.q_layernorm_xattn = FusedLayerNorm(cfg, self.head_dim, dtype)
+        self.k_layernorm = FusedLayerNorm(cfg, self.head_dim, dtype)
+        self.k_layernorm_xattn = FusedLayerNorm(cfg, self.head_dim, dtype)
+
+    def _norm_rope(self, x: torch.Tensor, norm: FusedLayerNorm, ctx: LayerContext) -> torch.Tensor:
+        dtype = x.dtype
+        x = norm(x.view(x.shape[0], -1, self.head_dim).float())
+        return apply_rotary(x, ctx.rope_sin, ctx.rope_cos).to(dtype)
+
+    def self_kv(self, h: torch.Tensor, ctx: LayerContext) -> KV:
+        """(S, D) normed hidden -> window keys (after k-norm + RoPE) and values, (S, G, Dh) each."""
+        k = self._norm_rope(self.linear_qkv.k(h), self.k_layernorm, ctx)
+        v = self.linear_qkv.v(h).view(h.shape[0], -1, self.head_dim)
+        return k, v
+
+    def cross(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Cross-attention of every chunk's tokens over its own caption tokens -> (S, Hq * Dh)."""
+        q = self.q_layernorm_xattn(self.linear_qkv.qx(h).view(h.shape[0], -1, self.head_dim))
+        kv = self.linear_kv_xattn(ctx.y_xattn).view(ctx.y_xattn.shape[0], -1, 2 * self.head_dim)
+        k = self.k_layernorm_xattn(kv[..., : self.head_dim])
+        v = kv[..., self.head_dim :]
+        return ctx.attention(q, k, v, ctx.q_ranges, ctx.y_ranges).reshape(h.shape[0], -1)
+
+    def forward(self, hidden: torch.Tensor, ctx: LayerContext, history: KV | None) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """Returns (self-attention out (S, Hq*Dh), cross-attention out (S, Hq*Dh), window (k, v))."""
+        h = self.linear_qkv.layer_norm(hidden)
+        k, v = self.self_kv(h, ctx)
+        q = self._norm_rope(self.linear_qkv.q(h), self.q_layernorm, ctx)
+        keys, values = (k, v) if history is None else (torch.cat([history[0], k]), torch.cat([history[1], v]))
+        core = ctx.attention(q, keys, values, ctx.q_ranges, ctx.kv_ranges).reshape(h.shape[0], -1)
+        return core, self.cross(h, ctx), (k, v)
+
+
+class CustomMLP(nn.Module):
+    """LayerNorm -> fc1 -> exact GELU, or silu(a) * b for ``gated_linear_unit`` (a = first half) -> fc2."""
+
+    def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
+        super().__init__()
+        self.glu = cfg.gated_linear_unit
+        d, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.layer_norm = nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=dtype)
+        self.linear_fc1 = nn.Linear(d, 2 * f if self.glu else f, bias=False, dtype=dtype)
+        self.linear_fc2 = nn.Linear(f, d, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_fc1(self.layer_norm(x))
+        if self.glu:
+            a, b = x.chunk(2, dim=-1)
+            x = F.silu(a) * b
+        else:
+            x = F.gelu(x)
+        return self.linear_fc2(x)
+
+
+def _interleave_heads(attn: torch.Tensor) -> torch.Tensor:
+    """Reference quirk: ``(n hn hd) -> (hn n hd)`` with n=2, hn=8 hard-coded (TP8 layout),
+    applied to ``cat([self_attn, cross_attn])`` whatever the real head count."""
+    s, width = attn.shape
+    return attn.view(s, 2, 8, width // 16).transpose(1, 2).reshape(s, width)
+
+
+class TransformerLayer(nn.Module):
+    """One DiT block (reference ``TransformerLayer``).
+
+    ``x = x + self_attn_post_norm(gate_msa * linear_proj(attn))``;
+    ``x = x + mlp_post_norm(gate_mlp * mlp(x))`` with gates
+    ``tanh(ada_modulate_layer(condition))`` (softcap 1) per chunk, gating and post-norms in
+    float32 (reference ``bias_modulate_add``).
+    """
+
+    def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
+        super().__init__()
+        self.ada_modulate_layer = AdaModulateLayer(cfg, dtype)
+        self.self_attention = FullyParallelAttention(cfg, dtype)
+        self.self_attn_post_norm = FusedLayerNorm(cfg, cfg.hidden_size, dtype)
+        self.mlp = CustomMLP(cfg, dtype)
+        self.mlp_post_norm = FusedLayerNorm(cfg, cfg.hidden_size, dtype)
+
+    @staticmethod
+    def _gated_add(x, residual, gate_tok, norm: FusedLayerNorm, dtype) -> torch.Tensor:
+        out = norm(x.float() * gate_tok) + residual.float()
+        return out.to(dtype)
+
+    def forward(self, hidden: torch.Tensor, condition: torch.Tensor, ctx: LayerContext, history: KV | None) -> tuple[torch.Tensor, KV]:
+        """Args:
+            hidden: (S, D); condition: (K, D * cond_hidden_ratio) per chunk; history: cached
+            (k, v) (Sh, G, Dh) of earlier clean chunks or None.
+        Returns:
+            (S, D) new hidden states and this layer's window (k, v), (S, G, Dh) each.
+        """
+        dtype = self.mlp.linear_fc1.weight.dtype
+        gates = self.ada_modulate_layer(condition)
+        gates = torch.tanh(gates.float()).to(gates.dtype)  # softcap(x, 1)
+        gate_msa, gate_mlp = gates.float().chunk(2, dim=-1)
+        core, cross, kv = self.self_attention(hidden, ctx, history)
+        attn = _interleave_heads(torch.cat([core, cross], dim=-1))
+        proj = self.self_attention.linear_proj
+        attn = F.linear(attn.float(), proj.weight.float())  # reference: autocast float32 around linear_proj
+        hidden = self._gated_add(attn, hidden, gate_msa[ctx.token_chunk], self.self_attn_post_norm, dtype)
+        mlp = self.mlp(hidden)
+        hidden = self._gated_add(mlp, hidden, gate_mlp[ctx.token_chunk], self.mlp_post_norm, dtype)
+        return hidden, kv

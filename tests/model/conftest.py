@@ -1,0 +1,48 @@
+"""Shared fixtures for the DiT and engine tests: the reference golden data (``shared/golden``).
+
+Fixtures skip the test when the golden folder is absent (see ``dit_fixtures.GOLDEN_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.model.dit_fixtures import GOLDEN_DIR, dit_config_from_reference, golden_available
+
+
+@pytest.fixture(scope="session")
+def golden_index() -> dict:
+    if not golden_available():
+        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
+    return json.loads((GOLDEN_DIR / "golden_dit.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_tensors() -> dict[str, torch.Tensor]:
+    if not golden_available():
+        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
+    return load_file(str(GOLDEN_DIR / "golden_dit.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_configs() -> dict:
+    """``tiny_dit_config.json`` as a dict."""
+    if not golden_available():
+        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
+    return json.loads((GOLDEN_DIR / "tiny_dit_config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_models(tiny_configs):
+    """{"base": MagiDiT, "glu": MagiDiT} loaded from the golden tiny weights (float32, eval)."""
+    from stages.dit.weights import load_dit
+
+    models = {}
+    for name, file in (("base", "tiny_dit.safetensors"), ("glu", "tiny_dit_glu.safetensors")):
+        cfg = dit_config_from_reference(tiny_configs[name]["model_config"])
+        models[name] = load_dit(GOLDEN_DIR / file, cfg).eval()
+    return models
