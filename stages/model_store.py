@@ -73,7 +73,7 @@ def ensure_checkpoints(cfg: ModelConfig, root: Path | None = None, seed: int = 0
 
 def _generate(cfg: ModelConfig, root: Path, model_dir: Path, seed: int) -> None:
     from stages.dit.weights import write_tiny_checkpoint as write_dit
-    from stages.text_encoder.t5 import write_tiny_checkpoint as write_t5
+    from stages.text_encoder import write_tiny_checkpoint as write_t5
     from stages.vae.weights import write_tiny_checkpoint as write_vae
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}-", dir=root))
