@@ -1,0 +1,158 @@
+"""Operator-facing text for fit plans: the term table and the does-not-fit advice."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from stages.config import ModelConfig
+from stages.errors import InvalidInput
+from stages.parallel.gpus import GiB
+
+if TYPE_CHECKING:
+    from stages.parallel.fit import FitPlan
+
+MAX_GPUS_SEARCHED = 16
+RESOLUTION_SCALES = (0.75, 2 / 3, 0.5)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:8.2f}"
+
+
+def headline(plan: FitPlan) -> str:
+    s = plan.settings
+    return (f"{plan.model} on {plan.num_gpus} x {plan.gpu} with cp_size {s.cp_size} x pp_size {s.pp_size} "
+            f"at {plan.height}x{plan.width} ({plan.weight_format} weights)")
+
+
+def explain(plan: FitPlan) -> str:
+    """Multi-line table of every term in GiB per GPU, the KV pool and the verdict."""
+    sh, s = plan.shape, plan.settings
+    lines = [headline(plan), f"{'per GPU':<66}{'GiB':>8}"]
+
+    def row(label: str, n: int, indent: int = 2) -> None:
+        lines.append(f"{' ' * indent}{label:<{66 - indent}}{_gib(n)}")
+
+    row(f"weights (heaviest of {s.pp_size} stage(s), {sh.layers_per_stage} layers)", plan.weights_bytes)
+    row(f"activations ({sh.tokens_per_rank} tokens/rank, {sh.chunks_per_forward} chunks/forward)", plan.activation_bytes)
+    for name, n in plan.activation_terms:
+        row(name, n, 4)
+    for name, n in plan.companion_terms + plan.overhead_terms:
+        row(name, n)
+    row("= fixed", plan.fixed_bytes)
+    row(f"device memory ({plan.gpu.description})", plan.memory_bytes)
+    row("free for the KV pool", plan.free_bytes)
+    row("KV pool (host memory, kv_offload)" if s.kv_offload else f"KV pool ({s.kv_pool_fraction:.0%} of free)",
+        plan.kv_pool_bytes)
+    row(f"KV per job ({sh.kv_chunks_per_job} chunks x {sh.tokens_per_chunk} tokens x {sh.layers_per_stage} layers"
+        f" x {sh.kv_heads_per_rank} KV heads)", plan.kv_bytes_per_job)
+    row("GPU bytes per job (KV on GPU + latents)", plan.gpu_bytes_per_job)
+    verdict = "FITS" if plan.fits else f"DOES NOT FIT (short by {plan.shortfall_bytes / GiB:.2f} GiB per GPU)"
+    lines.append(f"max concurrent jobs: {plan.max_concurrent_jobs}  -> {verdict}")
+    lines.extend(f"problem: {p}" for p in plan.problems)
+    return "\n".join(lines)
+
+
+def _outcome(plan: FitPlan) -> str:
+    if plan.fits:
+        return f"fits, {plan.max_concurrent_jobs} job(s)"
+    if plan.problems:
+        return "; ".join(plan.problems)
+    return f"short by {plan.shortfall_bytes / GiB:.1f} GiB"
+
+
+def _try(model: ModelConfig, plan: FitPlan, **changes) -> FitPlan | None:
+    from stages.parallel.fit import plan_fit
+
+    try:
+        return plan_fit(model, plan.gpu, plan.settings.model_copy(update=changes))
+    except InvalidInput:
+        return None
+
+
+def _with_fp8(model: ModelConfig, fp8: bool) -> ModelConfig:
+    return model.model_copy(update={"dit": model.dit.model_copy(update={"fp8_quant": fp8})})
+
+
+def _smaller(value: int, scale: float, step: int) -> int:
+    return max(step, int(value * scale) // step * step)
+
+
+def smallest_layout(model: ModelConfig, plan: FitPlan) -> FitPlan | None:
+    """The fitting cp x pp layout with the fewest GPUs (ties: larger cp), up to 16 GPUs."""
+    layouts = sorted(((cp, pp) for cp in range(1, MAX_GPUS_SEARCHED + 1) for pp in range(1, MAX_GPUS_SEARCHED + 1)
+                      if cp * pp <= MAX_GPUS_SEARCHED), key=lambda l: (l[0] * l[1], l[1]))
+    for cp, pp in layouts:
+        found = _try(model, plan, cp_size=cp, pp_size=pp)
+        if found is not None and found.fits:
+            return found
+    return None
+
+
+def _candidates(model: ModelConfig, plan: FitPlan) -> list[tuple[str, ModelConfig, dict]]:
+    s = plan.settings
+    if model.dit.fp8_quant and not plan.gpu.supports_fp8:  # nothing else helps until this is fixed
+        return [("bf16 weights (a non-quantized checkpoint)", _with_fp8(model, False), {})]
+    step = model.vae_spatial_factor * model.dit.patch_size
+    out: list[tuple[str, ModelConfig, dict]] = [
+        (f"cp_size {2 * s.cp_size} ({2 * plan.num_gpus} GPUs)", model, {"cp_size": 2 * s.cp_size}),
+        (f"pp_size {2 * s.pp_size} ({2 * plan.num_gpus} GPUs)", model, {"pp_size": 2 * s.pp_size}),
+    ]
+    if not model.dit.fp8_quant and plan.gpu.supports_fp8:
+        out.append(("fp8 weights (the distill-fp8 checkpoint)", _with_fp8(model, True), {}))
+    for scale in RESOLUTION_SCALES:
+        h, w = _smaller(plan.height, scale, step), _smaller(plan.width, scale, step)
+        out.append((f"resolution {h}x{w}", model, {"height": h, "width": w}))
+    if s.batch_cfg:
+        out.append(("batch_cfg false", model, {"batch_cfg": False}))
+    if s.jobs_per_forward > 1:
+        out.append(("jobs_per_forward 1", model, {"jobs_per_forward": 1}))
+    if s.colocate_text_encoder or s.colocate_vae:
+        out.append(("T5 and VAE on their own GPUs", model, {"colocate_text_encoder": False, "colocate_vae": False}))
+    return out
+
+
+def _weight_variants(model: ModelConfig, plan: FitPlan) -> list[tuple[str, ModelConfig]]:
+    """(label, model) whose smallest fitting layout is worth reporting."""
+    if model.dit.fp8_quant and not plan.gpu.supports_fp8:
+        return [(" with bf16 weights", _with_fp8(model, False))]
+    variants = [("", model)]
+    if not model.dit.fp8_quant and plan.gpu.supports_fp8:
+        variants.append((" with fp8 weights", _with_fp8(model, True)))
+    return variants
+
+
+def options(model: ModelConfig, plan: FitPlan) -> list[tuple[str, FitPlan]]:
+    """Changes toward a fit, each with its plan: single changes (more cp, more pp, fp8 or
+    bf16 weights, lower resolutions, ...), then the smallest cp x pp layout that fits with
+    the current weights and, where the GPU has fp8, with fp8 weights."""
+    tried = []
+    for label, m, changes in _candidates(model, plan):
+        found = _try(m, plan, **changes)
+        if found is not None:
+            tried.append((label, found))
+    for suffix, m in _weight_variants(model, plan):
+        best = smallest_layout(m, plan)
+        if best is not None:
+            tried.append((f"smallest layout{suffix}: cp_size {best.settings.cp_size} x pp_size {best.settings.pp_size}",
+                          best))
+    return tried
+
+
+def does_not_fit_message(plan: FitPlan, tried: list[tuple[str, FitPlan]]) -> str:
+    """One paragraph: GPU, shortfall in GiB, the budget, and each evaluated change's outcome."""
+    parts = [f"{headline(plan)} does not fit"]
+    if plan.problems:
+        parts.append(": " + "; ".join(plan.problems))
+    else:
+        parts.append(
+            f": short by {plan.shortfall_bytes / GiB:.1f} GiB per GPU (weights {plan.weights_bytes / GiB:.1f}"
+            f" + activations {plan.activation_bytes / GiB:.1f} + T5/VAE {plan.companion_bytes / GiB:.1f}"
+            f" + overheads {plan.overhead_bytes / GiB:.1f} + one job {plan.gpu_bytes_per_job / GiB:.1f} GiB"
+            f" at kv_pool_fraction {plan.settings.kv_pool_fraction} > {plan.memory_bytes / GiB:.1f} GiB)"
+        )
+    if tried:
+        parts.append(". Changes evaluated: " + "; ".join(f"{label} -> {_outcome(p)}" for label, p in tried))
+    else:
+        parts.append(". No single change (more cp, more pp, fp8, lower resolution) is valid for this model")
+    return "".join(parts) + "."
