@@ -20,13 +20,15 @@ reference's frame count is already ``4 T`` (e.g. chunk_width 6 with 3-frame tile
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
 from stages.config import VaeConfig
 from stages.errors import InvalidInput
 from stages.vae.model import MagiVAE
-from stages.vae.tiling import to_uint8
+from stages.vae.tiling import tiled_decode, to_uint8
 
 
 class VaeCodec:
@@ -39,17 +41,22 @@ class VaeCodec:
         tile_size: spatial tile in pixels (default ``cfg.video_size``; reference 256).
         tile_length: temporal tile in frames (default ``fps // 2``; reference ``fps // 2``).
         spatial_overlap, temporal_overlap: overlap fractions (reference 0.25, 0).
+        decode_backend: per-tile decode, latent tile (B, C, t, h, w) -> pixel tile
+            (B, 3, t*pT, h*pH, w*pW) (e.g. from :func:`stages.vae.runtime.make_decode_backend`);
+            default ``vae.decoder`` (eager PyTorch). Tiling and blending are the same for all.
     Raises:
         ValueError: naming the argument, for tiles that do not fit the patch grid.
     """
 
     def __init__(self, vae: MagiVAE, cfg: VaeConfig, fps: int = 24, *, tile_size: int | None = None,
-                 tile_length: int | None = None, spatial_overlap: float = 0.25, temporal_overlap: float = 0.0):
+                 tile_length: int | None = None, spatial_overlap: float = 0.25, temporal_overlap: float = 0.0,
+                 decode_backend: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if cfg != vae.cfg:
             raise ValueError("cfg: differs from the configuration the VAE was built with")
         if fps < 2:
             raise ValueError(f"fps: must be at least 2, got {fps}")
         self.vae, self.cfg, self.fps = vae, cfg, fps
+        self.decode_backend = decode_backend if decode_backend is not None else vae.decoder
         tile_size = cfg.video_size if tile_size is None else tile_size
         tile_length = fps // 2 if tile_length is None else tile_length
         _check_tile("tile_size", tile_size, spatial_overlap, cfg.patch_size)
@@ -78,7 +85,8 @@ class VaeCodec:
         p = self._param
         z = (latent_scaled.float() / self.cfg.scale_factor).to(p.device, p.dtype)[None]
         with torch.no_grad():
-            video = self.vae.tiled_decode_3d(z, single_frame_image_path=False, **self.tile_kwargs)
+            video = tiled_decode(z, self.decode_backend, spatial_factor=self.vae.spatial_downsample_factor,
+                                 temporal_factor=self.vae.temporal_downsample_factor, **self.tile_kwargs)
         frames = to_uint8(video[0].float()).permute(1, 2, 3, 0)  # (3, F, H, W) -> (F, H, W, 3)
         return np.ascontiguousarray(frames.cpu().numpy())
 
