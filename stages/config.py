@@ -42,6 +42,11 @@ class DiTConfig(_Frozen):
     xattn_cond_hidden_ratio: float = 1.0
     cond_gating_ratio: float = 1.0
     gated_linear_unit: bool = False
+    fp8_quant: bool = Field(
+        False,
+        description="reference engine_config.fp8_quant: layers 1..num_layers-2 hold SmoothQuant e4m3 linears "
+        "(see stages.dit.fp8)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DiTConfig":
@@ -124,6 +129,41 @@ class TextEncoderConfig(_Frozen):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class SpecialTokensConfig(_Frozen):
+    """Learned special tokens prepended to captions (reference ``prompt_process``; env flags ``PAD_*``,
+    ``NEG_PROMPT``, ``SPECIAL_TOKEN_PATH``).
+
+    Conditional captions of generated chunks get, in this order, STATIC_FIRST_FRAMES, DYNAMIC_FIRST_FRAMES,
+    BORDERNESS, HQ, THREE_D_MODEL, TWO_D_ANIME and DURATION_{chunks remaining, at most 8} prepended (each
+    one token, mask 1), then cut back to ``caption_max_length``. ``negative_prompt`` prepends CAPTION,
+    LOGO, TRANS and BORDERNESS to the null caption of the unconditional branches (reference ``NEG_PROMPT``).
+    The shipped ``run.sh`` scripts set ``PAD_HQ=1 PAD_DURATION=1``.
+    """
+
+    static: bool = False
+    dynamic: bool = False
+    borderness: bool = False
+    hq: bool = False
+    three_d_model: bool = False
+    two_d_anime: bool = False
+    duration: bool = False
+    negative_prompt: bool = False
+    table: str = Field(
+        "special_tokens.npz",
+        description="special-token table (reference example/assets/special_tokens.npz layout); a relative "
+        "path is relative to the DiT checkpoint folder",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when any token is prepended anywhere (the table is then needed)."""
+        return any((self.static, self.dynamic, self.borderness, self.hq, self.three_d_model,
+                    self.two_d_anime, self.duration, self.negative_prompt))
+
+
+RUN_SH_SPECIAL_TOKENS = SpecialTokensConfig(hq=True, duration=True)  # reference example/*/run.sh
+
+
 class ModelConfig(_Frozen):
     """One servable model: its four parts and the video geometry it runs at."""
 
@@ -135,6 +175,7 @@ class ModelConfig(_Frozen):
     height: int = Field(gt=0, description="default video height, pixels")
     width: int = Field(gt=0, description="default video width, pixels")
     vae_spatial_factor: int = 8
+    special_tokens: SpecialTokensConfig = SpecialTokensConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -171,7 +212,61 @@ def magi_tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"magi-tiny": magi_tiny}
+# ----- the official MAGI-1 models (reference example/{4.5B,24B}/*_config.json) -------------------------
+# Each preset equals what stages.config_compat.read_reference_config makes of the shipped file
+# (tests/unit/test_config_compat.py checks it); VAE = the reference ViTVAE ddconfig (VaeConfig
+# defaults), text encoder = t5-v1.1-xxl encoder (TextEncoderConfig defaults).
+
+
+def _reference_dit(size: str, fp8_quant: bool) -> DiTConfig:
+    common = dict(
+        kv_channels=128, num_query_groups=8, layernorm_epsilon=1e-6, apply_layernorm_1p=True,
+        params_dtype="bfloat16", patch_size=2, t_patch_size=1, cond_hidden_ratio=0.25, caption_channels=4096,
+        caption_max_length=800, xattn_cond_hidden_ratio=1.0, cond_gating_ratio=1.0, fp8_quant=fp8_quant,
+    )
+    if size == "4.5B":
+        return DiTConfig(
+            num_layers=34, hidden_size=3072, ffn_hidden_size=12288, num_attention_heads=24, x_rescale_factor=1.0,
+            half_channel_vae=False, in_channels=16, out_channels=16, gated_linear_unit=False, **common,
+        )
+    return DiTConfig(
+        num_layers=48, hidden_size=6144, ffn_hidden_size=16384, num_attention_heads=48, x_rescale_factor=0.1,
+        half_channel_vae=True, in_channels=32, out_channels=32, gated_linear_unit=True, **common,
+    )
+
+
+def _reference_model(size: str, variant: str) -> ModelConfig:
+    """``variant``: "base" (cfg_number 3), "distill" (cfg_number 1, shortcut distillation) or
+    "distill-fp8" (distill + fp8_quant). Steps: 4.5B 64 for all; 24B base 32, distill 16."""
+    distill = variant != "base"
+    if size == "4.5B":
+        num_steps, height, width = 64, 720, 720
+    else:
+        num_steps, height, width = (32 if variant == "base" else 16), 720, 1280
+    return ModelConfig(
+        name=f"magi-{size}-{variant}",
+        dit=_reference_dit(size, fp8_quant=variant == "distill-fp8"),
+        vae=VaeConfig(),
+        text_encoder=TextEncoderConfig(),
+        sampling=SamplingConfig(
+            num_steps=num_steps, window_size=4, chunk_width=6, temporal_downsample_factor=4, fps=24,
+            cfg_number=1 if distill else 3, shortcut_mode="8,16,16", distill=distill,
+            distill_nearly_clean_chunk_threshold=0.3,
+        ),
+        height=height,
+        width=width,
+        special_tokens=RUN_SH_SPECIAL_TOKENS,
+    )
+
+
+PRESETS = {
+    "magi-tiny": magi_tiny,
+    **{
+        f"magi-{size}-{variant}": (lambda size=size, variant=variant: _reference_model(size, variant))
+        for size in ("4.5B", "24B")
+        for variant in ("base", "distill", "distill-fp8")
+    },
+}
 
 
 def load_preset(name: str) -> ModelConfig:

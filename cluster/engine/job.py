@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,6 +62,9 @@ class NoiseSource:
         return part.to(device=device, dtype=torch.float32).clone()
 
 
+NEGATIVE_PROMPT_KEYS = ("CAPTION_TOKEN", "LOGO_TOKEN", "TRANS_TOKEN", "BORDERNESS_TOKEN")  # reference get_negative_special_token_keys
+
+
 @dataclass
 class CaptionBook:
     """Caption of every chunk (reference ``_process_txt_embeddings`` / ``_process_null_embeddings``).
@@ -68,31 +72,58 @@ class CaptionBook:
     Attributes:
         segments: ((start_chunk relative to the first generated chunk, y (L, D), mask (L,)), ...)
             sorted by start; a segment applies from its start on.
-        null_y: (L, D) ``null_caption_embedding``; null_mask: (L,) first 50 tokens valid.
+        null_y: (L, D) null caption (``null_caption_embedding``, with the negative-prompt tokens
+            prepended when enabled); null_mask: (L,) first 50 tokens valid.
         chunk_offset: global index of the first generated chunk.
+        tokens: optional special-token table (``stages.text_encoder.special_tokens.SpecialTokenTable``);
+            flags: its ``SpecialTokenFlags``; num_chunks: generated chunks of the job (None = endless),
+            for the duration token.
     """
 
     segments: list[tuple[int, torch.Tensor, torch.Tensor]]
     null_y: torch.Tensor
     null_mask: torch.Tensor
     chunk_offset: int = 0
+    tokens: Any = None
+    flags: Any = None
+    num_chunks: int | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def null_from(null_caption_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(null_y (L, D) float32, null_mask (L,) int64 with the first 50 tokens = 1)."""
+    def null_from(null_caption_embedding: torch.Tensor, tokens: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(null_y (L, D) float32, null_mask (L,) int64 with the first 50 tokens = 1).
+
+        With ``tokens`` (a special-token table) the reference ``NEG_PROMPT`` tokens CAPTION, LOGO,
+        TRANS, BORDERNESS are prepended (so BORDERNESS comes first) and the result cut to L; the
+        mask stays the first 50 tokens (reference ``_process_null_embeddings``).
+        """
         null_y = null_caption_embedding.detach().float()
+        if tokens is not None:
+            null_y, _ = tokens.prepend(null_y, torch.ones(null_y.shape[0], dtype=torch.int64), list(NEGATIVE_PROMPT_KEYS))
         mask = torch.zeros(null_y.shape[0], dtype=torch.int64, device=null_y.device)
         mask[:NULL_CAPTION_TOKENS] = 1
         return null_y, mask
 
     def caption(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y (L, D), mask (L,)) of global chunk ``chunk``; the null caption for prefix chunks."""
+        """(y (L, D), mask (L,)) of global chunk ``chunk``: its segment's caption with the special
+        tokens of its position prepended (reference ``pad_special_token``; the duration token counts
+        the generated chunks left, ``min(n - c - 1, 7) + 1``); the null caption for prefix chunks
+        and for a segment whose mask is all zero (reference ``emb_masks.sum() == 0`` branch of
+        ``extract_feature_for_inference``)."""
         rel = chunk - self.chunk_offset
         current = None
-        for start, y, mask in self.segments:
+        for i, (start, y, mask) in enumerate(self.segments):
             if start <= rel:
-                current = (y, mask)
-        return current if current is not None and rel >= 0 else (self.null_y, self.null_mask)
+                current = (i, y, mask)
+        if current is None or rel < 0 or not bool(current[2].any()):
+            return self.null_y, self.null_mask
+        i, y, mask = current
+        if self.tokens is None:
+            return y, mask
+        keys = tuple(self.flags.keys(rel, self.num_chunks))
+        if (i, keys) not in self._cache:
+            self._cache[(i, keys)] = self.tokens.prepend(y, mask, list(keys))
+        return self._cache[(i, keys)]
 
 
 def fit_caption(y: torch.Tensor, mask: torch.Tensor, length: int, channels: int, field_name: str) -> tuple[torch.Tensor, torch.Tensor]:

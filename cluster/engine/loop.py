@@ -10,6 +10,8 @@ LatentChunk the moment a chunk is clean). Plain torch; never imports ray.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,16 +116,49 @@ class Engine:
     """Runs jobs on one DiT (single device; context parallelism comes later).
 
     Args:
-        model_cfg: the served model's configuration (sampling settings, geometry).
+        model_cfg: the served model's configuration (sampling settings, geometry, special tokens).
         dit: the loaded DiT.
         device: where latents and K/V live (the DiT must be there already).
+        special_tokens: the model's special-token table
+            (``stages.text_encoder.special_tokens.SpecialTokenTable``, see
+            :func:`stages.dit.token_table.load_special_tokens`); required when
+            ``model_cfg.special_tokens`` prepends anything, ignored otherwise.
+
+    Raises:
+        ValueError: special tokens are enabled but no table is given, or its width differs
+            from the DiT's ``caption_channels``.
     """
 
-    def __init__(self, model_cfg: ModelConfig, dit: MagiDiT, device: str = "cpu"):
+    def __init__(self, model_cfg: ModelConfig, dit: MagiDiT, device: str = "cpu", special_tokens: Any = None):
         self.model_cfg = model_cfg
         self.dit = dit.to(device).eval()
         self.device = torch.device(device)
         self.runner = StepRunner(self.dit, model_cfg.sampling)
+        st = model_cfg.special_tokens
+        self.special_tokens = special_tokens if st.enabled else None
+        if st.enabled and special_tokens is None:
+            raise ValueError(
+                f"model {model_cfg.name!r} enables special tokens (special_tokens): pass the table, e.g. "
+                "Engine.from_checkpoint(...) or special_tokens=stages.dit.token_table.load_special_tokens(cfg, dit_dir)"
+            )
+        if self.special_tokens is not None and self.special_tokens.dim != dit.cfg.caption_channels:
+            raise ValueError(f"special-token width {self.special_tokens.dim} != caption_channels {dit.cfg.caption_channels}")
+
+    @classmethod
+    def from_checkpoint(cls, model_cfg: ModelConfig, dit_dir: Path, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "Engine":
+        """Load the DiT (:func:`stages.dit.weights.load_dit`, distill variant from the sampling
+        settings) and its special-token table (:func:`stages.dit.token_table.load_special_tokens`)
+        from the checkpoint folder ``dit_dir`` and build the engine.
+
+        Raises:
+            FileNotFoundError, stages.dit.weights.CheckpointMismatch: see the loaders.
+        """
+        from stages.dit.token_table import load_special_tokens  # noqa: PLC0415
+        from stages.dit.weights import load_dit  # noqa: PLC0415
+
+        dit = load_dit(Path(dit_dir), model_cfg.dit, device=device, dtype=dtype, distill=model_cfg.sampling.distill)
+        return cls(model_cfg, dit, device=device, special_tokens=load_special_tokens(model_cfg, Path(dit_dir)))
 
     def start(self, job: EngineJob, noise: torch.Tensor | None = None) -> JobRun:
         """Prepare a job: geometry, captions per chunk, noise, scheduler.
@@ -155,7 +190,7 @@ class Engine:
         ctx = JobContext(
             job_id=spec.job_id, chunk_width=sp.chunk_width, latent_h=h, latent_w=w,
             noise=NoiseSource(spec.seed, (LATENT_CHANNELS, sp.chunk_width, h, w), self._noise(noise)),
-            captions=self._captions(job, offset), prefix=prefix, chunk_offset=offset, num_steps=spec.num_steps,
+            captions=self._captions(job, offset, spec.num_chunks), prefix=prefix, chunk_offset=offset, num_steps=spec.num_steps,
             kv=ChunkKVCache(self.dit.cfg.num_layers),
         )
         sched = ChunkScheduler(
@@ -183,9 +218,10 @@ class Engine:
         noise = torch.as_tensor(noise, dtype=torch.float32)
         return noise[0] if noise.ndim == 5 else noise
 
-    def _captions(self, job: EngineJob, offset: int) -> CaptionBook:
-        cfg = self.dit.cfg
-        null_y, null_mask = CaptionBook.null_from(self.dit.y_embedder.null_caption_embedding)
+    def _captions(self, job: EngineJob, offset: int, num_chunks: int | None) -> CaptionBook:
+        cfg, st = self.dit.cfg, self.model_cfg.special_tokens
+        negative = self.special_tokens if st.negative_prompt else None
+        null_y, null_mask = CaptionBook.null_from(self.dit.y_embedder.null_caption_embedding, negative)
         if not job.captions:
             raise InvalidInput("captions", "at least one caption (prompt segment) is required")
         segments = []
@@ -194,4 +230,18 @@ class Engine:
             segments.append((int(start), y.to(self.device), mask.to(self.device)))
         if segments[0][0] != 0:
             raise InvalidInput("captions", f"the first prompt segment must start at chunk 0, got {segments[0][0]}")
-        return CaptionBook(segments, null_y.to(self.device), null_mask.to(self.device), chunk_offset=offset)
+        book = CaptionBook(segments, null_y.to(self.device), null_mask.to(self.device), chunk_offset=offset)
+        flags = self._token_flags()
+        if flags is not None:
+            book.tokens, book.flags, book.num_chunks = self.special_tokens, flags, num_chunks
+        return book
+
+    def _token_flags(self):
+        """``SpecialTokenFlags`` of the conditional captions, or None when none is prepended."""
+        st = self.model_cfg.special_tokens
+        names = ("static", "dynamic", "borderness", "hq", "three_d_model", "two_d_anime", "duration")
+        if self.special_tokens is None or not any(getattr(st, n) for n in names):
+            return None
+        from stages.text_encoder.special_tokens import SpecialTokenFlags  # noqa: PLC0415
+
+        return SpecialTokenFlags(**{n: getattr(st, n) for n in names})

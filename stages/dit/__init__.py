@@ -1,6 +1,9 @@
 """MAGI-1 DiT: model (:class:`MagiDiT`), range-attention backends, per-job KV cache, checkpoint I/O.
 
-``stages.dit.weights`` holds ``load_dit`` / ``write_tiny_checkpoint``.
+``stages.dit.weights`` holds ``load_dit`` / ``write_tiny_checkpoint``; ``stages.dit.manifest``
+the expected state_dict layouts and ``verify_checkpoint`` (CLI entry points ``main_verify`` /
+``main_manifest``); ``stages.dit.fp8`` the SmoothQuant e4m3 linears of fp8 checkpoints;
+``stages.dit.token_table`` where the special-token table of a model lives.
 """
 
 from stages.dit.kv_cache import ChunkKVCache

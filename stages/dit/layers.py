@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from stages.config import DiTConfig
 from stages.dit.attention import RangeAttention
 from stages.dit.embed import FusedLayerNorm, apply_rotary
+from stages.dit.fp8 import PER_CHANNEL, PER_TENSOR, QuantizedFp8Linear, is_quantized_layer, make_linear
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -59,16 +60,15 @@ class AdaModulateLayer(nn.Module):
 
 
 class CustomLayerNormLinear(nn.Module):
-    """Pre-attention LayerNorm (plain torch LayerNorm, no +1) and the q, qx, k, v projections."""
+    """Pre-attention LayerNorm (plain torch LayerNorm, no +1) and the q, qx, k, v projections
+    (per-tensor fp8 linears in quantized layers, :mod:`stages.dit.fp8`)."""
 
-    def __init__(self, cfg: DiTConfig, q_size: int, kv_size: int, dtype: torch.dtype):
+    def __init__(self, cfg: DiTConfig, q_size: int, kv_size: int, dtype: torch.dtype, quantized: bool = False):
         super().__init__()
         d = cfg.hidden_size
         self.layer_norm = nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=dtype)
-        self.q = nn.Linear(d, q_size, bias=False, dtype=dtype)
-        self.qx = nn.Linear(d, q_size, bias=False, dtype=dtype)
-        self.k = nn.Linear(d, kv_size, bias=False, dtype=dtype)
-        self.v = nn.Linear(d, kv_size, bias=False, dtype=dtype)
+        for name, size in (("q", q_size), ("qx", q_size), ("k", kv_size), ("v", kv_size)):
+            setattr(self, name, make_linear(d, size, dtype, quantized=quantized, kind=PER_TENSOR))
 
 
 class FullyParallelAttention(nn.Module):
@@ -80,16 +80,16 @@ class FullyParallelAttention(nn.Module):
     ``k_layernorm_xattn``; cross-attention queries get ``q_layernorm_xattn`` and no RoPE.
     """
 
-    def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
+    def __init__(self, cfg: DiTConfig, dtype: torch.dtype, quantized: bool = False):
         super().__init__()
         self.head_dim = cfg.kv_channels
         self.num_heads = cfg.num_attention_heads
         self.num_groups = cfg.num_query_groups
         q_size = cfg.kv_channels * cfg.num_attention_heads
         kv_size = cfg.kv_channels * cfg.num_query_groups
-        self.linear_qkv = CustomLayerNormLinear(cfg, q_size, kv_size, dtype)
+        self.linear_qkv = CustomLayerNormLinear(cfg, q_size, kv_size, dtype, quantized)
         self.linear_kv_xattn = nn.Linear(int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio), 2 * kv_size, bias=False, dtype=dtype)
-        self.linear_proj = nn.Linear(2 * q_size, cfg.hidden_size, bias=False, dtype=dtype)
+        self.linear_proj = make_linear(2 * q_size, cfg.hidden_size, dtype, quantized=quantized, kind=PER_CHANNEL)
         self.q_layernorm = FusedLayerNorm(cfg, self.head_dim, dtype)
         self.q_layernorm_xattn = FusedLayerNorm(cfg, self.head_dim, dtype)
         self.k_layernorm = FusedLayerNorm(cfg, self.head_dim, dtype)
@@ -125,15 +125,16 @@ class FullyParallelAttention(nn.Module):
 
 
 class CustomMLP(nn.Module):
-    """LayerNorm -> fc1 -> exact GELU, or silu(a) * b for ``gated_linear_unit`` (a = first half) -> fc2."""
+    """LayerNorm -> fc1 -> exact GELU, or silu(a) * b for ``gated_linear_unit`` (a = first half) -> fc2.
+    In quantized layers fc1 is a per-tensor and fc2 a per-channel fp8 linear (:mod:`stages.dit.fp8`)."""
 
-    def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
+    def __init__(self, cfg: DiTConfig, dtype: torch.dtype, quantized: bool = False):
         super().__init__()
         self.glu = cfg.gated_linear_unit
         d, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.layer_norm = nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=dtype)
-        self.linear_fc1 = nn.Linear(d, 2 * f if self.glu else f, bias=False, dtype=dtype)
-        self.linear_fc2 = nn.Linear(f, d, bias=False, dtype=dtype)
+        self.linear_fc1 = make_linear(d, 2 * f if self.glu else f, dtype, quantized=quantized, kind=PER_TENSOR)
+        self.linear_fc2 = make_linear(f, d, dtype, quantized=quantized, kind=PER_CHANNEL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear_fc1(self.layer_norm(x))
@@ -161,12 +162,13 @@ class TransformerLayer(nn.Module):
     float32 (reference ``bias_modulate_add``).
     """
 
-    def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
+    def __init__(self, cfg: DiTConfig, dtype: torch.dtype, layer_number: int = 0):
         super().__init__()
+        quantized = is_quantized_layer(layer_number, cfg.num_layers, cfg.fp8_quant)
         self.ada_modulate_layer = AdaModulateLayer(cfg, dtype)
-        self.self_attention = FullyParallelAttention(cfg, dtype)
+        self.self_attention = FullyParallelAttention(cfg, dtype, quantized)
         self.self_attn_post_norm = FusedLayerNorm(cfg, cfg.hidden_size, dtype)
-        self.mlp = CustomMLP(cfg, dtype)
+        self.mlp = CustomMLP(cfg, dtype, quantized)
         self.mlp_post_norm = FusedLayerNorm(cfg, cfg.hidden_size, dtype)
 
     @staticmethod
@@ -181,14 +183,17 @@ class TransformerLayer(nn.Module):
         Returns:
             (S, D) new hidden states and this layer's window (k, v), (S, G, Dh) each.
         """
-        dtype = self.mlp.linear_fc1.weight.dtype
+        dtype = self.mlp.layer_norm.weight.dtype
         gates = self.ada_modulate_layer(condition)
         gates = torch.tanh(gates.float()).to(gates.dtype)  # softcap(x, 1)
         gate_msa, gate_mlp = gates.float().chunk(2, dim=-1)
         core, cross, kv = self.self_attention(hidden, ctx, history)
         attn = _interleave_heads(torch.cat([core, cross], dim=-1))
         proj = self.self_attention.linear_proj
-        attn = F.linear(attn.float(), proj.weight.float())  # reference: autocast float32 around linear_proj
+        if isinstance(proj, QuantizedFp8Linear):  # reference: the fp8 linear_proj runs without the float32 autocast
+            attn = proj(attn)
+        else:
+            attn = F.linear(attn.float(), proj.weight.float())  # reference: autocast float32 around linear_proj
         hidden = self._gated_add(attn, hidden, gate_msa[ctx.token_chunk], self.self_attn_post_norm, dtype)
         mlp = self.mlp(hidden)
         hidden = self._gated_add(mlp, hidden, gate_mlp[ctx.token_chunk], self.mlp_post_norm, dtype)

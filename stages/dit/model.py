@@ -20,6 +20,9 @@ LayerNorms (:class:`~stages.dit.embed.FusedLayerNorm`), float32 RoPE time "resca
 (:class:`~stages.dit.layers.FullyParallelAttention`), the ``(n hn hd) -> (hn n hd)`` permute
 with n=2, hn=8 hard-coded before ``linear_proj`` (:func:`~stages.dit.layers._interleave_heads`),
 ``x_rescale_factor`` and ``half_channel_vae`` (channel duplication in, first 16 out).
+With ``cfg.fp8_quant`` every layer but the first and the last holds SmoothQuant e4m3 linears
+(:mod:`stages.dit.fp8`, reference ``PerTensorQuantizedFp8Linear`` / ``PerChannelQuantizedFp8Linear``);
+their ``linear_proj`` runs without the float32 autocast of the float layers, as in the reference.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: DiTConfig, dtype: torch.dtype):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, dtype, layer_number=n) for n in range(cfg.num_layers))
         self.final_layernorm = FusedLayerNorm(cfg, cfg.hidden_size, dtype)
 
 

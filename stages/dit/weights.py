@@ -2,14 +2,15 @@
 
 Official layout (reference ``load_sharded_safetensors_parallel_with_progress``): a folder
 with ``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {key: shard}}``)
-and its shards, or a folder with one ``model.safetensors``; we also accept a single
-``.safetensors`` file. Keys are the reference ``VideoDiTModel`` state_dict keys.
+and its shards, or a folder with one ``model.safetensors``, or a model root holding the
+reference variant folders ``inference_weight[.fp8][.distill]``; we also accept a single
+``.safetensors`` file (see :mod:`stages.dit.checkpoint`). Keys are the reference
+``VideoDiTModel`` state_dict keys, fp8 checkpoints included (:mod:`stages.dit.fp8`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -17,108 +18,88 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stages.config import DiTConfig
+from stages.dit.checkpoint import (
+    INDEX_NAME, SINGLE_NAME, CheckpointMismatch, checkpoint_files, compare_layout, read_layout, resolve_checkpoint,
+)
 from stages.dit.embed import FusedLayerNorm
+from stages.dit.fp8 import FP8, fp8_param_keys
+from stages.dit.fp8_convert import quantize_state_dict
 from stages.dit.model import MagiDiT
+from stages.dit.token_table import TABLE_FILE, write_tiny_special_tokens
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+__all__ = [
+    "INDEX_NAME", "SINGLE_NAME", "CheckpointMismatch", "checkpoint_files", "init_tiny_weights", "load_dit",
+    "resolve_checkpoint", "write_tiny_checkpoint",
+]
 _HIGH_PRECISION = ("q_layernorm.", "k_layernorm.", "self_attn_post_norm.", "mlp_post_norm.", "final_layernorm.")
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint's keys/shapes differ from the model's; the message names every offending key."""
+def expected_layout(model: MagiDiT) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """key -> (shape, is_fp8) of ``model``'s state_dict (works on the meta device)."""
+    return {k: (tuple(v.shape), v.dtype == FP8) for k, v in model.state_dict().items()}
 
 
-def checkpoint_files(path: Path) -> dict[str, list[str]]:
-    """Map shard file -> its tensor keys for a checkpoint folder or a single file.
-
-    Raises:
-        FileNotFoundError: no index, no ``model.safetensors`` and not a .safetensors file,
-            or a shard named in the index is absent.
-    """
-    path = Path(path)
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            return {str(path): list(f.keys())}
-    index = path / INDEX_NAME
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards: dict[str, list[str]] = defaultdict(list)
-        for key, shard in weight_map.items():
-            shards[str(path / shard)].append(key)
-        for shard in shards:
-            if not Path(shard).exists():
-                raise FileNotFoundError(f"shard {shard} named in {index} is missing")
-        return dict(shards)
-    if (path / SINGLE_NAME).exists():
-        return checkpoint_files(path / SINGLE_NAME)
-    raise FileNotFoundError(f"no DiT checkpoint at {path}: expected {INDEX_NAME}, {SINGLE_NAME} or a .safetensors file")
+def _check_layout(files: dict[str, list[str]], expected: dict[str, tuple[tuple[int, ...], bool]], where: Path) -> None:
+    found, problems = read_layout(files)
+    diff = compare_layout(found, expected)
+    parts = list(problems)
+    for label, items in (("missing keys", diff["missing"]), ("unexpected keys", diff["unexpected"]),
+                         ("wrong shapes", diff["wrong shapes"]), ("wrong dtypes", diff["wrong dtypes"])):
+        if items:
+            parts.append(f"{label}: {items}")
+    if parts:
+        raise CheckpointMismatch("; ".join([f"DiT checkpoint {where} does not match the model", *parts]))
 
 
-def _check_layout(files: dict[str, list[str]], expected: dict[str, torch.Size], where: Path) -> None:
-    found: dict[str, tuple[int, ...]] = {}
-    for shard, keys in files.items():
-        with safe_open(shard, "pt") as f:
-            for key in keys:
-                found[key] = tuple(f.get_slice(key).get_shape())
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(
-        f"{k} (expected {list(expected[k])}, got {list(found[k])})"
-        for k in set(found) & set(expected)
-        if tuple(expected[k]) != found[k]
-    )
-    if missing or unexpected or wrong:
-        parts = [f"DiT checkpoint {where} does not match the model"]
-        if missing:
-            parts.append(f"missing keys: {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys: {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes: {wrong}")
-        raise CheckpointMismatch("; ".join(parts))
-
-
-def _target_dtype(key: str, model_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+def _target_dtype(key: str, model_dtype: torch.dtype, dtype: torch.dtype, fixed: set[str]) -> torch.dtype:
     """Transformer-block weights get ``dtype``; embedders, RoPE, final linear and the
-    reference high-precision set (q/k norms, post-norms, final norm) stay float32."""
+    reference high-precision set (q/k norms, post-norms, final norm) stay float32; fp8
+    weights and their float32 scales (``fixed``) keep the model's dtype."""
+    if key in fixed:
+        return model_dtype
     if not key.startswith("videodit_blocks.") or any(p in key for p in _HIGH_PRECISION) and "_xattn" not in key:
         return torch.float32 if model_dtype.is_floating_point else model_dtype
     return dtype
 
 
-def load_dit(ckpt_dir_or_file: Path, cfg: DiTConfig, device="cpu", dtype: torch.dtype = torch.float32) -> MagiDiT:
+def load_dit(
+    ckpt_dir_or_file: Path, cfg: DiTConfig, device="cpu", dtype: torch.dtype = torch.float32, *, distill: bool = False
+) -> MagiDiT:
     """Build a :class:`MagiDiT` on the meta device and fill it shard by shard (strict).
 
     Peak host memory is about one copy of the weights (tensors are assigned, not copied
     into pre-allocated parameters). Block weights are cast to ``dtype``; the reference
-    high-precision modules stay float32 (reference ``_high_precision_promoter``).
+    high-precision modules stay float32 (reference ``_high_precision_promoter``); with
+    ``cfg.fp8_quant`` the e4m3 weights and their scales are kept as stored.
 
     Args:
-        ckpt_dir_or_file: checkpoint folder (official layout) or a .safetensors file.
+        ckpt_dir_or_file: checkpoint folder (official layout), a model root with the
+            reference variant folders, or a .safetensors file.
         cfg: architecture; must match the checkpoint.
         device: where the weights go.
         dtype: dtype of the transformer-block weights.
+        distill: pick ``inference_weight[.fp8].distill`` when given a model root.
 
     Returns:
         the model in eval mode with ``requires_grad`` off.
 
     Raises:
-        FileNotFoundError: see :func:`checkpoint_files`.
-        CheckpointMismatch: missing / unexpected keys or wrong shapes, all named.
+        FileNotFoundError: see :func:`stages.dit.checkpoint.resolve_checkpoint` / ``checkpoint_files``.
+        CheckpointMismatch: a malformed index, missing / unexpected keys, wrong shapes or
+            fp8-ness, all named.
     """
-    path = Path(ckpt_dir_or_file)
+    path = resolve_checkpoint(Path(ckpt_dir_or_file), fp8_quant=cfg.fp8_quant, distill=distill)
     files = checkpoint_files(path)
     with torch.device("meta"):
         model = MagiDiT(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
     model_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-    _check_layout(files, expected, path)
+    fixed = fp8_param_keys(model)
+    _check_layout(files, expected_layout(model), path)
     for shard, keys in files.items():
         part = {}
         with safe_open(shard, "pt", device="cpu") as f:
             for key in keys:
-                target = _target_dtype(key, model_dtypes[key], dtype)
+                target = _target_dtype(key, model_dtypes[key], dtype, fixed)
                 part[key] = f.get_tensor(key).to(device=device, dtype=target)
         model.load_state_dict(part, strict=False, assign=True)
         del part
@@ -161,20 +142,40 @@ def init_tiny_weights(model: MagiDiT, seed: int = 0) -> None:
             p.copy_((mean + std * noise).to(p.dtype))
 
 
-def write_tiny_checkpoint(cfg: DiTConfig, out_dir: Path, seed: int = 0, num_shards: int = 2) -> None:
-    """Write deterministic random DiT weights (:func:`init_tiny_weights`) in the official
-    layout: ``model.safetensors.index.json`` + ``model-0000i-of-0000N.safetensors``.
+def tiny_state_dict(cfg: DiTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic tiny weights of ``cfg`` (:func:`init_tiny_weights`); with ``cfg.fp8_quant``
+    the float weights are quantized to the reference fp8 layout
+    (:func:`stages.dit.fp8_convert.quantize_state_dict`)."""
+    model = MagiDiT(cfg.model_copy(update={"fp8_quant": False}))
+    init_tiny_weights(model, seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return quantize_state_dict(state, cfg) if cfg.fp8_quant else state
+
+
+def write_tiny_checkpoint(
+    cfg: DiTConfig, out_dir: Path, seed: int = 0, num_shards: int = 2, *, fp8: bool | None = None,
+    special_tokens: bool = True,
+) -> None:
+    """Write deterministic random DiT weights (:func:`tiny_state_dict`) in the official
+    layout: ``model.safetensors.index.json`` + ``model-0000i-of-0000N.safetensors``, and the
+    model's special-token table ``special_tokens.npz`` (random, ``caption_channels`` wide,
+    :func:`stages.dit.token_table.write_tiny_special_tokens`).
+
+    Args:
+        fp8: write the fp8 (SmoothQuant e4m3) layout; default ``cfg.fp8_quant``. ``fp8=True``
+            with a float config writes the layout of ``cfg`` with ``fp8_quant=True``.
+        special_tokens: also write the special-token table.
 
     Raises:
         ValueError: ``num_shards < 2`` (the layout is meant to exercise sharded loading).
     """
     if num_shards < 2:
         raise ValueError(f"num_shards must be >= 2, got {num_shards}")
+    if fp8 is not None and fp8 != cfg.fp8_quant:
+        cfg = cfg.model_copy(update={"fp8_quant": fp8})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = MagiDiT(cfg)
-    init_tiny_weights(model, seed)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = tiny_state_dict(cfg, seed)
     keys = list(state)
     total = sum(v.numel() * v.element_size() for v in state.values())
     per_shard, shards, acc = total / num_shards, [[] for _ in range(num_shards)], 0
@@ -193,3 +194,5 @@ def write_tiny_checkpoint(cfg: DiTConfig, out_dir: Path, seed: int = 0, num_shar
         weight_map.update({k: fname for k in shard_keys})
     index = {"metadata": {"total_size": total, "seed": seed}, "weight_map": weight_map}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+    if special_tokens:
+        write_tiny_special_tokens(out / TABLE_FILE, cfg.caption_channels, seed=seed)
