@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class VideoGenerationStub:
-    """Video generation service. Health checking (grpc.health.v1.Health) and server
-    reflection (grpc.reflection.v1alpha.ServerReflection) are served next to it.
+    """Video generation service. Health checking (grpc.health.v1.Health/Check; Watch is
+    not served) and server reflection (grpc.reflection.v1alpha.ServerReflection) are
+    served next to it on the same port.
     """
 
     def __init__(self, channel):
@@ -44,8 +45,9 @@ class VideoGenerationStub:
 
 
 class VideoGenerationServicer:
-    """Video generation service. Health checking (grpc.health.v1.Health) and server
-    reflection (grpc.reflection.v1alpha.ServerReflection) are served next to it.
+    """Video generation service. Health checking (grpc.health.v1.Health/Check; Watch is
+    not served) and server reflection (grpc.reflection.v1alpha.ServerReflection) are
+    served next to it on the same port.
     """
 
     def Generate(self, request, context):
@@ -73,8 +75,9 @@ def add_VideoGenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class VideoGeneration:
-    """Video generation service. Health checking (grpc.health.v1.Health) and server
-    reflection (grpc.reflection.v1alpha.ServerReflection) are served next to it.
+    """Video generation service. Health checking (grpc.health.v1.Health/Check; Watch is
+    not served) and server reflection (grpc.reflection.v1alpha.ServerReflection) are
+    served next to it on the same port.
     """
 
     @staticmethod

@@ -1,0 +1,144 @@
+"""End-to-end serving overhead: the same job in-process vs through gRPC + Ray Serve.
+
+    PYTHONPATH=.:proto python bench/e2e.py [--chunks 3] [--steps 0] [--repeats 3]
+
+In-process = the stages and the engine called directly in this process, one after
+the other (validate -> T5 -> engine steps -> VAE decode -> fMP4 mux per chunk),
+no Ray, no gRPC. Served = a local Ray + Serve instance (cluster.client.local) and a
+real gRPC client; the ingress overlaps the VAE decode of chunk k with the DiT's work
+on chunk k+1. Both run the same request (magi-tiny by default) after one warm-up
+job; the figures are medians over ``--repeats`` jobs, measured at the caller:
+
+    TTFC  = first chunk available - request start   (seconds)
+    TPOC  = mean gap between consecutive chunks     (seconds)
+    total = last byte of the job - request start    (seconds)
+
+and the ratio served total / in-process total is the serving overhead (below 1
+when the decode overlap gains more than Ray + gRPC cost). Not a test: it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "proto")]
+
+from cluster.client.sdk import MagiClient, make_request  # noqa: E402
+from cluster.config import ServiceConfig  # noqa: E402
+
+
+@dataclass
+class Timing:
+    ttfc: float
+    tpoc: float
+    total: float
+
+    @staticmethod
+    def from_chunk_times(start: float, chunk_times: list[float], end: float) -> "Timing":
+        gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+        return Timing(chunk_times[0] - start, statistics.mean(gaps) if gaps else 0.0, end - start)
+
+
+class InProcess:
+    """The service's stages and engine loaded in this process (no Ray)."""
+
+    def __init__(self, cfg: ServiceConfig):
+        from cluster.engine import Engine
+        from stages.dit.weights import load_dit
+        from stages.model_store import ensure_checkpoints
+        from stages.text_encoder import T5TextEncoder
+        from stages.vae.codec import VaeCodec
+        from stages.vae.weights import load_vae
+
+        self.cfg, self.model = cfg, cfg.load_model()
+        paths = ensure_checkpoints(self.model, cfg.checkpoint_root)
+        self.t5 = T5TextEncoder(paths.text_encoder, self.model.text_encoder)
+        self.engine = Engine(self.model, load_dit(paths.dit, self.model.dit))
+        self.codec = VaeCodec(load_vae(paths.vae, self.model.vae), self.model.vae, fps=self.model.sampling.fps)
+
+    def run(self, request, job_id: str) -> Timing:
+        from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk
+        from cluster.serve.stream import ChunkMuxer
+        from cluster.serve.validate import validate_request
+
+        start = time.perf_counter()
+        spec = validate_request(request, self.model, self.cfg.limits, job_id)
+        embeddings = self.t5.encode([s.text for s in spec.prompt_segments])
+        captions = tuple((s.start_chunk, CaptionEmbedding(*e)) for s, e in zip(spec.prompt_segments, embeddings))
+        run = self.engine.start(EngineJob(spec=spec, captions=captions))
+        muxer = ChunkMuxer(spec, self.model.sampling.fps)
+        chunk_times = []
+        while not run.done:
+            for event in run.step():
+                if isinstance(event, LatentChunk):
+                    frames = self.codec.decode(event.latent)
+                    muxer.mux(frames, last=event.index == spec.num_chunks - 1)
+                    chunk_times.append(time.perf_counter())
+        return Timing.from_chunk_times(start, chunk_times, time.perf_counter())
+
+
+def run_served(client: MagiClient, request) -> tuple[Timing, Timing]:
+    """(client-observed timing, server-reported Done timing) of one job through gRPC."""
+    start = time.perf_counter()
+    chunk_times = []
+    stream = client.generate(request)
+    for msg in stream:
+        if msg.HasField("chunk") and msg.chunk.last_part:
+            chunk_times.append(time.perf_counter())
+    end = time.perf_counter()
+    done = stream.done
+    return Timing.from_chunk_times(start, chunk_times, end), Timing(done.ttfc_s, done.tpoc_s, done.total_s)
+
+
+def median(timings: list[Timing]) -> Timing:
+    return Timing(*(statistics.median(getattr(t, k) for t in timings) for k in ("ttfc", "tpoc", "total")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=0, help="0 = model default")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--config", type=Path, help="ServiceConfig / ray_serve.yaml (default: defaults)")
+    parser.add_argument("--worker-niceness", type=int, default=0,
+                        help="nice level of Ray workers (Ray's default is 15; 0 = the in-process run's level, "
+                             "so background load on the machine affects both runs alike)")
+    args = parser.parse_args(argv)
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
+    cfg = ServiceConfig.from_yaml(args.config) if args.config else ServiceConfig()
+    request = make_request("a red fox running through fresh snow, cinematic", num_chunks=args.chunks,
+                           num_steps=args.steps, seed=1)
+
+    local = InProcess(cfg)
+    local.run(request, "warmup")
+    direct = median([local.run(request, f"bench-{i}") for i in range(args.repeats)])
+    del local
+
+    from cluster.client.local import LocalService
+
+    with LocalService(cfg) as svc, MagiClient(svc.address) as client:
+        run_served(client, request)  # warm-up
+        runs = [run_served(client, request) for _ in range(args.repeats)]
+    served, server_side = median([r[0] for r in runs]), median([r[1] for r in runs])
+
+    threads = {k: v.torch_threads for k, v in dict(cfg.deployments).items() if k != "ingress"}
+    print(f"\nmodel {cfg.model}, {args.chunks} chunks, steps {args.steps or 'default'}, "
+          f"median of {args.repeats} (after 1 warm-up); replica torch threads {threads}, "
+          f"worker niceness {args.worker_niceness}")
+    print(f"{'mode':<28}{'TTFC s':>9}{'TPOC s':>9}{'total s':>9}")
+    for name, t in (("in-process (sequential)", direct), ("gRPC + Serve (client)", served),
+                    ("gRPC + Serve (server Done)", server_side)):
+        print(f"{name:<28}{t.ttfc:>9.3f}{t.tpoc:>9.3f}{t.total:>9.3f}")
+    print(f"serving overhead, end-to-end total served / in-process: {served.total / direct.total:.2f}x")
+    print(f"TTFC served / in-process: {served.ttfc / direct.ttfc:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

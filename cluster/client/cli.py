@@ -1,0 +1,166 @@
+"""``magi`` command line: generate a video, or run the service in the foreground.
+
+    magi generate --prompt "a cat playing piano" --chunks 3 -o out.mp4
+        (no --address: starts an embedded local Ray + Serve with magi-tiny, runs the
+        job through gRPC, shuts everything down)
+    magi generate --prompt TEXT --prompt-from 2:"the cat sleeps" --address HOST:PORT -o out.mp4
+    magi serve [--config ray_serve.yaml]     (local Ray, or the cluster in RAY_ADDRESS)
+    magi health --address HOST:PORT
+
+Exit status: 0 ok, 1 service error (message printed), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+from cluster.client.progress import ProgressView
+from cluster.client.sdk import MagiClient, make_request
+from cluster.config import ConfigError, ServiceConfig
+
+
+def _prompt_from(text: str) -> tuple[int, str]:
+    chunk, sep, prompt = text.partition(":")
+    if not sep or not chunk.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected K:TEXT (K a chunk index), got {text!r}")
+    return int(chunk), prompt
+
+
+def _existing_file(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magi", description="magi-serve video generation client")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video (streams chunks into the output file)")
+    gen.add_argument("--prompt", required=True, help="prompt from chunk 0 on")
+    gen.add_argument("--prompt-from", type=_prompt_from, action="append", default=[], metavar="K:TEXT",
+                     help="use TEXT from chunk K on (repeatable)")
+    cond = gen.add_mutually_exclusive_group()
+    cond.add_argument("--image", type=_existing_file, help="conditioning image (image-to-video)")
+    cond.add_argument("--prefix-video", type=_existing_file, help="video to continue (video-to-video)")
+    gen.add_argument("--chunks", type=int, default=1, help="chunks to generate (24 frames each)")
+    gen.add_argument("--steps", type=int, default=0, help="denoising steps per chunk (0 = model default)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=0, help="pixels (0 = model default)")
+    gen.add_argument("--width", type=int, default=0, help="pixels (0 = model default)")
+    gen.add_argument("--format", choices=["fmp4", "raw"], default="fmp4",
+                     help="fmp4: playable MP4; raw: uint8 RGB frames (F, H, W, 3)")
+    gen.add_argument("-o", "--output", type=Path, required=True, help="output file (written as chunks arrive)")
+    gen.add_argument("--address", help="HOST:PORT of a running service (default: start a local one)")
+    gen.add_argument("--config", type=Path, help="service config for the local service (ray_serve.yaml)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    srv = sub.add_parser("serve", help="run the service in the foreground until Ctrl-C")
+    srv.add_argument("--config", type=Path, help="ray_serve.yaml or a bare ServiceConfig YAML")
+    srv.add_argument("--port", type=int, help="gRPC port (default: the config's grpc_port)")
+
+    health = sub.add_parser("health", help="grpc.health.v1 Check of a running service")
+    health.add_argument("--address", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "serve": _serve, "health": _health}[args.command](args)
+    except ConfigError as exc:
+        print(f"magi: config error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"magi: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def _load_config(path: Path | None) -> ServiceConfig:
+    return ServiceConfig.from_yaml(path) if path else ServiceConfig()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    try:
+        request = make_request(
+            args.prompt, prompt_from=args.prompt_from, image=args.image, prefix_video=args.prefix_video,
+            num_chunks=args.chunks, num_steps=args.steps, seed=args.seed, height=args.height,
+            width=args.width, output_format=args.format,
+        )
+    except ValueError as exc:  # e.g. a seed out of the proto's range
+        print(f"magi: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        address = args.address
+        if address is None:
+            from cluster.client.local import LocalService  # noqa: PLC0415  (imports ray)
+
+            print("starting a local service (Ray + Serve) ...", file=sys.stderr)
+            address = stack.enter_context(LocalService(_load_config(args.config), quiet=True)).address
+        client = stack.enter_context(MagiClient(address))
+        return _run_job(client, request, args.output, quiet=args.quiet)
+
+
+def _run_job(client: MagiClient, request, output: Path, quiet: bool) -> int:
+    stream = client.generate(request)
+    view = ProgressView(disable=quiet)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(output, "wb") as f, view:
+            for msg in stream:
+                kind = msg.WhichOneof("event")
+                if kind == "chunk":
+                    f.write(msg.chunk.data)  # parts arrive in order: appending builds the file
+                    f.flush()
+                view.update(msg)
+    except KeyboardInterrupt:
+        stream.cancel()
+        print("magi: cancelled", file=sys.stderr)
+        return 130
+    done = stream.done
+    if done is None:
+        print("magi: the stream ended without a Done message", file=sys.stderr)
+        return 1
+    client_ttfc = (stream.first_chunk_at or time.perf_counter()) - stream.started_at
+    print(f"wrote {output} ({done.total_frames} frames, {done.num_chunks} chunks)")
+    print(f"TTFC {done.ttfc_s:.3f} s (client-observed {client_ttfc:.3f} s), TPOC {done.tpoc_s:.3f} s, "
+          f"total {done.total_s:.3f} s")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.client.local import LocalService  # noqa: PLC0415  (imports ray)
+
+    cfg = _load_config(args.config)
+    service = LocalService(cfg, grpc_port=args.port or cfg.grpc_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with service:
+        print(f"magi-serve listening on {service.address} (gRPC); Ctrl-C stops", flush=True)
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        print("shutting down ...", flush=True)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    with MagiClient(args.address) as client:
+        print(client.health())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

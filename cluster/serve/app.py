@@ -1,0 +1,63 @@
+"""The Serve application builder (``import_path: cluster.serve.app:build_app`` in ray_serve.yaml).
+
+Composes the four deployments, each configured from :class:`cluster.config.ServiceConfig`::
+
+    GrpcIngress --> TextEncoder
+                --> DiTEngine   (stream)
+                --> VaeDecoder
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import gRPCOptions
+
+from cluster.config import DeploymentSettings, ServiceConfig
+from cluster.serve.dit_engine import DiTEngineDeployment
+from cluster.serve.ingress import GrpcIngress
+from cluster.serve.text_encoder import TextEncoderDeployment
+from cluster.serve.vae_decoder import VaeDecoderDeployment
+
+APP_NAME = "magi"
+ROUTE_PREFIX = "/magi"  # Serve routes gRPC calls only to applications with a route prefix
+
+#: What Serve's gRPC proxy serves (besides reflection, on by default in Ray 2.60).
+GRPC_SERVICER_FUNCTIONS = (
+    "magi.v1.generate_pb2_grpc.add_VideoGenerationServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve application builder: ``args`` is a :class:`ServiceConfig` as a dict.
+
+    Raises:
+        cluster.config.ConfigError: a bad key in ``args`` (named in the message).
+    """
+    cfg = args if isinstance(args, ServiceConfig) else ServiceConfig.from_dict(args, "args")
+    d = cfg.deployments
+    text = _configure(TextEncoderDeployment, d.text_encoder).bind(cfg)
+    dit = _configure(DiTEngineDeployment, d.dit_engine).bind(cfg)
+    vae = _configure(VaeDecoderDeployment, d.vae_decoder).bind(cfg)
+    return _configure(GrpcIngress, d.ingress).bind(cfg, text, dit, vae)
+
+
+def grpc_options(port: int) -> gRPCOptions:
+    """gRPC proxy options: our servicers + health + reflection, no end-to-end request timeout."""
+    return gRPCOptions(
+        port=port,
+        grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
+        enable_reflection=True,
+        request_timeout_s=None,
+    )
+
+
+def _configure(deployment, s: DeploymentSettings):
+    return deployment.options(
+        num_replicas=s.num_replicas,
+        max_ongoing_requests=s.max_ongoing_requests,
+        graceful_shutdown_timeout_s=s.graceful_shutdown_timeout_s,
+        ray_actor_options={"num_cpus": s.num_cpus},
+    )

@@ -1,0 +1,74 @@
+"""Bad requests end with INVALID_ARGUMENT naming the field; a cancelled stream stops the engine."""
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cluster.client.sdk import make_request
+from magi.v1 import generate_pb2 as pb
+
+pytestmark = pytest.mark.serve
+
+BAD = Path("/work/shared/inputs/bad")
+
+
+CASES = {
+    "empty_prompt": (make_request("", num_chunks=2), "prompt_segments[0].text"),
+    "invisible_prompt": (make_request(" \n\t\u200b", num_chunks=2), "prompt_segments[0].text"),
+    "nul_in_prompt": (make_request("a\x00b", num_chunks=2), "prompt_segments[0].text"),
+    "no_prompt": (pb.GenerateRequest(num_chunks=2), "prompt_segments"),
+    "zero_chunks": (make_request("a cat", num_chunks=0), "num_chunks"),
+    "absurd_chunks": (make_request("a cat", num_chunks=10**9), "num_chunks"),
+    "negative_chunks": (make_request("a cat", num_chunks=-3), "num_chunks"),
+    "segment_after_end": (make_request("a cat", prompt_from=[(5, "later")], num_chunks=2),
+                          "prompt_segments[1].start_chunk"),
+    "height_not_multiple": (make_request("a cat", height=100, width=128), "height"),
+    "steps_not_multiple": (make_request("a cat", num_steps=6), "num_steps"),
+    "truncated_png": (make_request("a cat", image=BAD / "truncated_100B.png"), "image"),
+    "text_named_png": (make_request("a cat", image=BAD / "text_file_named.png"), "image"),
+    "huge_png": (make_request("a cat", image=BAD / "huge_dims_65535x65535.png"), "image"),
+    "empty_image": (make_request("a cat", image=b""), "image"),
+    "empty_video": (make_request("a cat", prefix_video=BAD / "zero_bytes.mp4"), "prefix_video"),
+    "one_frame_video": (make_request("a cat", prefix_video=BAD / "single_frame_448x300.mp4"), "prefix_video"),
+}
+
+
+@pytest.mark.parametrize("request_, field", list(CASES.values()), ids=list(CASES))
+def test_invalid_argument_names_the_field(client, request_, field):
+    received = []
+    with pytest.raises(grpc.RpcError) as info:
+        for msg in client.generate(request_):
+            received.append(msg)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(f"{field}: "), info.value.details()
+    assert received == []  # rejected before the job was accepted
+
+
+def wait_for(predicate, timeout_s=60.0):
+    """Poll ``predicate()`` until it returns a truthy value (None after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    return None
+
+
+def test_cancel_stops_the_engine_work(client, dit_engine):
+    stream = client.generate(make_request("an endless train journey", num_chunks=32, num_steps=4))
+    with pytest.raises(grpc.RpcError) as info:
+        for msg in stream:
+            if msg.HasField("chunk"):  # the first chunk arrived while the job runs: cancel
+                stream.cancel()
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    job_id = stream.job_id
+
+    stats = wait_for(lambda: (s := dit_engine.job_stats.remote(job_id).result()) and s["finished_at"] and s)
+    assert stats is not None, "the engine did not stop the cancelled job"
+    print("CANCEL STATS", stats)
+    assert stats["state"] == "cancelled"
+    assert stats["steps"] < stats["total_forwards"] == 35  # 1 step per chunk * (32 + 4 - 1)
+    assert job_id not in dit_engine.active_jobs.remote().result()
