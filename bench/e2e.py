@@ -7,7 +7,9 @@ the other (validate -> T5 -> engine steps -> VAE decode -> fMP4 mux per chunk),
 no Ray, no gRPC. Served = a local Ray + Serve instance (cluster.client.local) and a
 real gRPC client; the ingress overlaps the VAE decode of chunk k with the DiT's work
 on chunk k+1. Both run the same request (magi-tiny by default) after one warm-up
-job; the figures are medians over ``--repeats`` jobs, measured at the caller:
+job each, alternating (in-process, served) so that background load on the machine
+hits both alike (the idle Ray processes stay up during the in-process runs); the
+figures are medians over ``--repeats`` pairs, measured at the caller:
 
     TTFC  = first chunk available - request start   (seconds)
     TPOC  = mean gap between consecutive chunks     (seconds)
@@ -50,7 +52,6 @@ class InProcess:
 
     def __init__(self, cfg: ServiceConfig):
         from cluster.engine import Engine
-        from stages.dit.weights import load_dit
         from stages.model_store import ensure_checkpoints
         from stages.text_encoder import T5TextEncoder
         from stages.vae.codec import VaeCodec
@@ -59,7 +60,7 @@ class InProcess:
         self.cfg, self.model = cfg, cfg.load_model()
         paths = ensure_checkpoints(self.model, cfg.checkpoint_root)
         self.t5 = T5TextEncoder(paths.text_encoder, self.model.text_encoder)
-        self.engine = Engine(self.model, load_dit(paths.dit, self.model.dit))
+        self.engine = Engine.from_checkpoint(self.model, paths.dit)
         self.codec = VaeCodec(load_vae(paths.vae, self.model.vae), self.model.vae, fps=self.model.sampling.fps)
 
     def run(self, request, job_id: str) -> Timing:
@@ -115,21 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     request = make_request("a red fox running through fresh snow, cinematic", num_chunks=args.chunks,
                            num_steps=args.steps, seed=1)
 
-    local = InProcess(cfg)
-    local.run(request, "warmup")
-    direct = median([local.run(request, f"bench-{i}") for i in range(args.repeats)])
-    del local
-
     from cluster.client.local import LocalService
 
+    local = InProcess(cfg)
+    direct_runs, served_runs = [], []
     with LocalService(cfg) as svc, MagiClient(svc.address) as client:
-        run_served(client, request)  # warm-up
-        runs = [run_served(client, request) for _ in range(args.repeats)]
-    served, server_side = median([r[0] for r in runs]), median([r[1] for r in runs])
+        local.run(request, "warmup")
+        run_served(client, request)
+        for i in range(args.repeats):  # interleaved: background load hits both alike
+            direct_runs.append(local.run(request, f"bench-{i}"))
+            served_runs.append(run_served(client, request))
+    direct = median(direct_runs)
+    served, server_side = median([r[0] for r in served_runs]), median([r[1] for r in served_runs])
 
     threads = {k: v.torch_threads for k, v in dict(cfg.deployments).items() if k != "ingress"}
     print(f"\nmodel {cfg.model}, {args.chunks} chunks, steps {args.steps or 'default'}, "
-          f"median of {args.repeats} (after 1 warm-up); replica torch threads {threads}, "
+          f"median of {args.repeats} interleaved pairs (after 1 warm-up each); replica torch threads {threads}, "
           f"worker niceness {args.worker_niceness}")
     print(f"{'mode':<28}{'TTFC s':>9}{'TPOC s':>9}{'total s':>9}")
     for name, t in (("in-process (sequential)", direct), ("gRPC + Serve (client)", served),

@@ -68,7 +68,7 @@ def _text_encoder() -> DeploymentSettings:
 
 
 def _dit_engine() -> DeploymentSettings:
-    return DeploymentSettings(num_cpus=0.5, max_ongoing_requests=8, torch_threads=2)
+    return DeploymentSettings(num_cpus=0.5, max_ongoing_requests=32, torch_threads=2)
 
 
 def _vae_decoder() -> DeploymentSettings:
@@ -90,6 +90,18 @@ class Deployments(_Strict):
     vae_decoder: DeploymentSettings = Field(default_factory=_vae_decoder)
 
 
+class EngineSettings(_Strict):
+    """DiT engine admission (:class:`cluster.engine.Engine`): jobs batched per step, jobs waiting.
+
+    A job beyond ``max_active_jobs + queue_limit`` is refused with RESOURCE_EXHAUSTED
+    and a retry hint; keep ``deployments.dit_engine.max_ongoing_requests`` at least
+    their sum so that requests wait in the engine's queue rather than in Serve's.
+    """
+
+    max_active_jobs: int = Field(4, gt=0, description="jobs packed into one DiT forward at most")
+    queue_limit: int = Field(16, ge=0, description="jobs waiting for admission at most")
+
+
 class ServiceConfig(_Strict):
     """Everything the service needs besides the model weights.
 
@@ -99,6 +111,7 @@ class ServiceConfig(_Strict):
             model store's default (``$MAGI_HOME`` or ``~/.cache/magi-serve``).
         limits: request bounds.
         deployments: Ray Serve settings per deployment.
+        engine: DiT engine admission limits.
         grpc_port: port of Serve's gRPC proxy (``grpc_options.port`` in ray_serve.yaml).
         max_message_bytes: largest ``Chunk.data`` per response message; bigger
             payloads are split into parts (keeps messages under gRPC's 4 MB default).
@@ -110,6 +123,7 @@ class ServiceConfig(_Strict):
     checkpoint_root: Path | None = None
     limits: RequestLimits = Field(default_factory=RequestLimits)
     deployments: Deployments = Field(default_factory=Deployments)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
     grpc_port: int = Field(9000, gt=0, lt=65536)
     max_message_bytes: int = Field(3 * MiB, ge=64 * 1024, le=4 * MiB - 64 * 1024)
     max_pending_decodes: int = Field(4, gt=0)

@@ -16,3 +16,8 @@ class InvalidInput(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.reason = message
+
+    def __reduce__(self):
+        # Picklable with its two arguments, so the error crosses process boundaries
+        # (Ray Serve deployment -> ingress) as itself.
+        return (type(self), (self.field, self.reason))

@@ -1,11 +1,12 @@
 """``DiTEngine`` deployment: a thin Ray Serve shim over :class:`cluster.engine.Engine`.
 
-One replica holds the DiT weights and runs jobs step by step (one
-plan -> execute -> update per ``JobRun.step``, DESIGN.md section 2). Each step
-runs in the replica's single compute thread, so concurrent jobs interleave step
-by step and the event loop stays free to stream events and notice cancellation.
-A cancelled stream (client gone: ``asyncio.CancelledError``) stops the job
-between steps and releases its KV storage.
+One replica holds the DiT and one engine. Jobs are submitted to the engine's
+multi-job API; a single step loop runs ``Engine.step()`` (one packed forward over
+every active job: continuous batching, DESIGN.md section 2) in the replica's
+compute thread and routes each job's ``Progress`` / ``LatentChunk`` events to the
+job's stream. The event loop stays free to stream and to notice cancellation: a
+cancelled stream (client gone: ``asyncio.CancelledError``) cancels the job in the
+engine between two steps, which frees its KV region at once.
 """
 
 from __future__ import annotations
@@ -13,16 +14,33 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator
 
 from ray import serve
 
 from cluster.config import ServiceConfig
+from cluster.engine import Engine, EngineBusy, JobAdmitted, JobFinished
 from cluster.messages import EngineJob, LatentChunk, Progress
 from cluster.serve.compute import ComputeThread, prepare_replica
 
 _HISTORY = 256  # finished jobs whose stats stay queryable
+_STEP_HISTORY = 64  # step intervals kept per job
+
+
+class EngineFull(RuntimeError):
+    """:class:`cluster.engine.EngineBusy` in a form that crosses Ray (picklable).
+
+    Attributes:
+        retry_after_s: seconds after which a retry has a fair chance.
+    """
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclass
@@ -30,64 +48,77 @@ class JobStats:
     """What a replica knows about one job (returned by :meth:`DiTEngineDeployment.job_stats`).
 
     Attributes:
-        state: "running", "done", "cancelled" or "failed".
-        steps: engine steps (DiT forwards) run so far.
-        total_forwards: forwards the whole job needs (None if unbounded/unknown).
+        state: "queued" / "active" while in the engine, then "done", "cancelled" or "failed".
+        steps: engine steps (DiT forwards) the job took part in.
+        total_forwards: forwards the whole job needs (None if unbounded).
         chunks_emitted: clean latent chunks produced.
-        finished_at: ``time.time()`` when the job stopped, or None while running.
+        finished_at: ``time.time()`` when the job left the engine, or None.
+        step_intervals: (start, end) ``time.time()`` of its last steps (at most 64).
     """
 
-    state: str = "running"
+    state: str = "queued"
     steps: int = 0
     total_forwards: int | None = None
     chunks_emitted: int = 0
     finished_at: float | None = None
+    step_intervals: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.finished_at is None
 
 
 @serve.deployment(name="DiTEngine")
 class DiTEngineDeployment:
-    """Streams ``Progress`` / ``LatentChunk`` events of a job (see :meth:`run`)."""
+    """Streams ``Progress`` / ``LatentChunk`` events of jobs batched on one engine (see :meth:`run`)."""
 
     def __init__(self, cfg: ServiceConfig):
-        from cluster.engine import Engine  # noqa: PLC0415  (torch only inside the replica)
-        from stages.dit.weights import load_dit  # noqa: PLC0415
-
         model, paths = prepare_replica(cfg, cfg.deployments.dit_engine)
-        self._engine = Engine(model, load_dit(paths.dit, model.dit), device="cpu")
+        self._engine = Engine.from_checkpoint(model, paths.dit, max_active_jobs=cfg.engine.max_active_jobs,
+                                              queue_limit=cfg.engine.queue_limit)
         self._compute = ComputeThread("dit-step")
+        self._streams: dict[str, asyncio.Queue] = {}
         self._jobs: collections.OrderedDict[str, JobStats] = collections.OrderedDict()
+        self._loop_task: asyncio.Task | None = None
 
     async def run(self, job: EngineJob) -> AsyncIterator[Progress | LatentChunk]:
-        """Run ``job`` to completion, yielding its events as each step produces them.
+        """Run ``job`` in the engine, yielding its events as the steps produce them.
 
         Yields:
-            :class:`cluster.messages.Progress` after each step and
-            :class:`cluster.messages.LatentChunk` (float32 (C, T, H, W) scaled
-            latent) when a chunk becomes clean, in the engine's order.
+            :class:`cluster.messages.Progress` per denoising step and
+            :class:`cluster.messages.LatentChunk` (float32 (C, T, H, W) scaled latent)
+            when a chunk becomes clean, in the engine's order.
         Raises:
-            asyncio.CancelledError: the caller went away; the job stops after the
-                step in progress and its KV storage is released.
+            stages.errors.InvalidInput: a field the engine cannot use (named).
+            EngineFull: the engine's admission queue is full (retry hint).
+            RuntimeError: the engine failed the job (its message says why).
+            asyncio.CancelledError: the caller went away; the job is cancelled in the
+                engine before its next step.
         """
-        run = await self._compute.call(self._engine.start, job)
-        stats = self._track(job.spec.job_id, JobStats(total_forwards=run.total_forwards))
-        step = None
+        job_id = job.spec.job_id
+        events: asyncio.Queue = asyncio.Queue()
+        self._streams[job_id] = events
         try:
-            while not run.done:
-                step = self._compute.submit(_counted_step, run, stats, tag=job.spec.job_id)
-                for event in await asyncio.shield(step):
-                    yield event
-            stats.state = "done"
-        except (asyncio.CancelledError, GeneratorExit):  # consumer cancelled or closed the stream
-            stats.state = "cancelled"
+            handle = await self._compute.call(self._engine.submit, job)
+        except BaseException as exc:
+            del self._streams[job_id]
+            if isinstance(exc, EngineBusy):  # its keyword-only __init__ does not survive pickling
+                raise EngineFull(str(exc), exc.retry_after_s) from None
             raise
-        except BaseException:
-            stats.state = "failed"
+        stats = self._track(job_id, JobStats(state=handle.state, total_forwards=handle.total_forwards))
+        self._ensure_step_loop()
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            if stats.state == "failed":
+                raise RuntimeError(f"engine failed job {job_id}: {handle.error}")
+        except (asyncio.CancelledError, GeneratorExit):  # the consumer cancelled or closed the stream
+            if stats.running:
+                await self._compute.call(self._engine.cancel, job_id)
+                self._finish(job_id, "cancelled")
             raise
         finally:
-            if step is not None and not step.done():
-                await asyncio.wait([step])  # never free KV under a running step
-            await self._compute.call(run.close if stats.state == "done" else run.cancel)
-            stats.finished_at = time.time()
+            self._streams.pop(job_id, None)
 
     def job_stats(self, job_id: str) -> dict | None:
         """Stats of a running or recently finished job (see :class:`JobStats`), or None."""
@@ -96,23 +127,75 @@ class DiTEngineDeployment:
 
     def step_intervals(self, job_id: str) -> list[tuple[float, float]]:
         """Wall-clock (start, end) ``time.time()`` of the job's recent engine steps."""
-        return self._compute.intervals(job_id)
+        stats = self._jobs.get(job_id)
+        return [] if stats is None else list(stats.step_intervals)
 
     def active_jobs(self) -> list[str]:
-        """Ids of the jobs this replica is running now."""
-        return [job_id for job_id, s in self._jobs.items() if s.state == "running"]
+        """Ids of the jobs queued or running in this replica's engine."""
+        return [job_id for job_id, s in self._jobs.items() if s.running]
+
+    def engine_stats(self) -> dict:
+        """The engine's counters (:class:`cluster.engine.EngineStats` as a dict)."""
+        return asdict(self._engine.stats())
+
+    def _ensure_step_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._step_loop())
+
+    async def _step_loop(self) -> None:
+        """Step the engine while it has work; route events to the jobs' streams."""
+        try:
+            while self._engine.has_work:
+                events, ran, start, end = await self._compute.call(self._step)
+                for job_id in ran:
+                    self._count_step(job_id, start, end)
+                for event in events:
+                    self._route(event)
+        except Exception as exc:  # noqa: BLE001  (an engine bug: fail every waiting stream, not hang)
+            for job_id in list(self._streams):
+                self._finish(job_id, "failed")
+            raise exc
+
+    def _step(self) -> tuple[list, tuple[str, ...], float, float]:
+        """One engine step (compute thread): (events, ids of the jobs in the forward, start, end)."""
+        before = self._engine.last_step
+        start = time.time()
+        events = self._engine.step()
+        after = self._engine.last_step
+        ran = after.job_ids if after is not None and after is not before else ()
+        return events, ran, start, time.time()
+
+    def _route(self, event) -> None:
+        if isinstance(event, JobAdmitted):
+            if event.job_id in self._jobs:
+                self._jobs[event.job_id].state = "active"
+        elif isinstance(event, JobFinished):
+            self._finish(event.job_id, event.state)
+        elif isinstance(event, (Progress, LatentChunk)):
+            stats = self._jobs.get(event.job_id)
+            if stats is not None and isinstance(event, LatentChunk):
+                stats.chunks_emitted += 1
+            stream = self._streams.get(event.job_id)
+            if stream is not None:
+                stream.put_nowait(event)
+
+    def _count_step(self, job_id: str, start: float, end: float) -> None:
+        stats = self._jobs.get(job_id)
+        if stats is not None:
+            stats.steps += 1
+            stats.step_intervals = (stats.step_intervals + [(start, end)])[-_STEP_HISTORY:]
+
+    def _finish(self, job_id: str, state: str) -> None:
+        stats = self._jobs.get(job_id)
+        if stats is not None and stats.running:
+            stats.state, stats.finished_at = state, time.time()
+        stream = self._streams.get(job_id)
+        if stream is not None:
+            stream.put_nowait(None)
 
     def _track(self, job_id: str, stats: JobStats) -> JobStats:
-        finished = [j for j, s in self._jobs.items() if s.state != "running"]
+        finished = [j for j, s in self._jobs.items() if not s.running]
         for old in finished[: max(0, len(self._jobs) + 1 - _HISTORY)]:
             del self._jobs[old]
         self._jobs[job_id] = stats
         return stats
-
-
-def _counted_step(run, stats: JobStats) -> list:
-    """One engine step (compute thread), counted in ``stats`` as soon as it finishes."""
-    events = run.step()
-    stats.steps += 1
-    stats.chunks_emitted += sum(isinstance(e, LatentChunk) for e in events)
-    return events

@@ -14,8 +14,9 @@ the ingress method ``Method``): ``Generate`` (magi.v1) and ``Check``
 
 Events go out in the order the engine produced them; a chunk takes its place in
 the stream at the moment its latent was produced, and waits only for its own
-decode. Bad requests end the stream with INVALID_ARGUMENT naming the field; any
-other failure with INTERNAL. A cancelled client stream cancels the DiT stream
+decode. Bad requests end the stream with INVALID_ARGUMENT naming the field; a
+full engine with RESOURCE_EXHAUSTED (the details end with the retry hint "retry in
+about N s"); any other failure with INTERNAL. A cancelled client stream cancels the DiT stream
 (the engine stops the job between steps) and the pending decodes.
 """
 
@@ -33,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import ServiceConfig
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress
 from cluster.serve import stream
+from cluster.serve.dit_engine import EngineFull
 from cluster.serve.validate import validate_request
 from magi.v1 import generate_pb2 as pb
 from stages.errors import InvalidInput
@@ -80,10 +82,7 @@ class GrpcIngress:
         except (asyncio.CancelledError, GeneratorExit, _Abort):
             raise
         except Exception as exc:  # noqa: BLE001  (mapped to a status, never lost)
-            cause = getattr(exc, "cause", None) or exc  # a stage's error behind ray's RayTaskError
-            if isinstance(cause, InvalidInput):
-                _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(cause))
-            _abort(grpc_context, grpc.StatusCode.INTERNAL, f"job {spec.job_id} failed: {type(cause).__name__}: {cause}")
+            _fail(grpc_context, spec.job_id, getattr(exc, "cause", None) or exc)  # unwrap RayTaskError
 
     async def _engine_job(self, spec: JobSpec) -> EngineJob:
         """Caption embeddings (+ the conditioning latent) of a job, fetched concurrently."""
@@ -165,6 +164,16 @@ def _drain(queue: asyncio.Queue) -> list:
     while not queue.empty():
         items.append(queue.get_nowait())
     return items
+
+
+def _fail(grpc_context, job_id: str, cause: BaseException):
+    """Map a failure after Accepted to a status: INVALID_ARGUMENT (a stage rejected a field),
+    RESOURCE_EXHAUSTED (engine full; the details end "retry in about N s"), else INTERNAL."""
+    if isinstance(cause, InvalidInput):
+        _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(cause))
+    if isinstance(cause, EngineFull):  # Serve forwards only code + details on errors
+        _abort(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause))
+    _abort(grpc_context, grpc.StatusCode.INTERNAL, f"job {job_id} failed: {type(cause).__name__}: {cause}")
 
 
 def _abort(grpc_context, code: grpc.StatusCode, details: str):

@@ -4,14 +4,15 @@ import pytest
 
 from cluster.client.local import LocalService
 from cluster.client.sdk import MagiClient
-from cluster.config import RequestLimits, ServiceConfig
+from cluster.config import EngineSettings, RequestLimits, ServiceConfig
 
-#: Small limits so the tests exercise them cheaply: 64 KiB+ parts split raw chunks
+#: Small limits so the tests exercise them cheaply: 256 KiB parts split raw chunks
 #: (128x128x24x3 = 1.2 MB) into several messages; a 28-frame V2V prefix = one whole
-#: prefix chunk (24 frames) + one leftover latent frame.
+#: prefix chunk (24 frames) + one leftover latent frame; two jobs fill the engine.
 SERVE_TEST_CONFIG = ServiceConfig(
     max_message_bytes=256 * 1024,
     limits=RequestLimits(max_chunks=32, max_prefix_frames=28),
+    engine=EngineSettings(max_active_jobs=2, queue_limit=0),  # a third concurrent job is refused
 )
 
 

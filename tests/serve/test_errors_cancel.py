@@ -1,5 +1,6 @@
 """Bad requests end with INVALID_ARGUMENT naming the field; a cancelled stream stops the engine."""
 
+import re
 import time
 from pathlib import Path
 
@@ -72,3 +73,35 @@ def test_cancel_stops_the_engine_work(client, dit_engine):
     assert stats["state"] == "cancelled"
     assert stats["steps"] < stats["total_forwards"] == 35  # 1 step per chunk * (32 + 4 - 1)
     assert job_id not in dit_engine.active_jobs.remote().result()
+
+
+def first_progress(stream):
+    """Iterate ``stream`` up to its first Progress message (the job is running in the engine)."""
+    messages = iter(stream)
+    for msg in messages:
+        if msg.HasField("progress"):
+            return messages
+    raise AssertionError("stream ended without progress")
+
+
+def test_jobs_batch_and_a_full_engine_refuses_with_retry_hint(client, dit_engine):
+    long = make_request("a slow river", num_chunks=32, num_steps=4)
+    first, second = client.generate(long), client.generate(long)
+    rest = [first_progress(first), first_progress(second)]  # both admitted (max_active_jobs=2)
+
+    received = []
+    with pytest.raises(grpc.RpcError) as info:
+        for msg in client.generate(make_request("one more", num_chunks=1, num_steps=4)):
+            received.append(msg.WhichOneof("event"))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert received == ["accepted"]
+    hint = re.search(r"retry in about ([0-9.]+) s$", info.value.details())
+    assert hint and float(hint.group(1)) > 0
+
+    # The two running jobs share DiT forwards (continuous batching): identical step intervals.
+    next(rest[0]), next(rest[1])
+    shared = set(dit_engine.step_intervals.remote(first.job_id).result()) & set(
+        dit_engine.step_intervals.remote(second.job_id).result())
+    assert shared
+    first.cancel(), second.cancel()
+    assert wait_for(lambda: not dit_engine.active_jobs.remote().result())
