@@ -6,6 +6,8 @@
     magi generate --prompt TEXT --prompt-from 2:"the cat sleeps" --address HOST:PORT -o out.mp4
     magi serve [--config ray_serve.yaml]     (local Ray, or the cluster in RAY_ADDRESS)
     magi health --address HOST:PORT
+    magi checkpoint verify PATH --config NAME     (exit 1 naming every mismatch)
+    magi checkpoint manifest --config NAME [--json]
 
 Exit status: 0 ok, 1 service error (message printed), 2 usage error.
 """
@@ -71,13 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="grpc.health.v1 Check of a running service")
     health.add_argument("--address", required=True)
+
+    ckpt = sub.add_parser("checkpoint", help="check a DiT checkpoint folder against a model config")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    verify = ckpt_sub.add_parser("verify", help="name every missing/unexpected key and wrong shape")
+    verify.add_argument("path", type=Path, help="checkpoint folder (official layout)")
+    verify.add_argument("--config", required=True, help="preset name or a reference config.json")
+    manifest = ckpt_sub.add_parser("manifest", help="print the expected keys, shapes and dtypes")
+    manifest.add_argument("--config", required=True, help="preset name or a reference config.json")
+    manifest.add_argument("--json", action="store_true", help="JSON instead of one line per tensor")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "serve": _serve, "health": _health}[args.command](args)
+        commands = {"generate": _generate, "serve": _serve, "health": _health, "checkpoint": _checkpoint}
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"magi: config error: {exc}", file=sys.stderr)
         return 2
@@ -160,6 +172,14 @@ def _health(args: argparse.Namespace) -> int:
     with MagiClient(args.address) as client:
         print(client.health())
     return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from stages.dit import manifest  # noqa: PLC0415  (imports torch)
+
+    if args.checkpoint_command == "verify":
+        return manifest.main_verify(args.path, args.config)
+    return manifest.main_manifest(args.config, as_json=args.json)
 
 
 if __name__ == "__main__":

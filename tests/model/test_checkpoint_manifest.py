@@ -171,3 +171,17 @@ def test_main_manifest_prints_every_tensor(capsys):
     assert json.loads(capsys.readouterr().out)["num_tensors"] == 1262
     assert main_manifest("no-such-model") == 2
     assert "unknown model config" in capsys.readouterr().err
+
+
+def test_magi_cli_checkpoint_commands(tmp_path, capsys):
+    from cluster.client.cli import main as magi
+
+    folder = _tiny(tmp_path)
+    assert magi(["checkpoint", "verify", str(folder), "--config", "magi-tiny"]) == 0
+    _edit(folder, _break)
+    assert magi(["checkpoint", "verify", str(folder), "--config", "magi-tiny"]) == 1
+    out = capsys.readouterr().out
+    assert f"unexpected key: {RENAMED}_renamed" in out and f"wrong shape: {RESHAPED}" in out
+    assert magi(["checkpoint", "manifest", "--config", "magi-tiny"]) == 0
+    assert RESHAPED in capsys.readouterr().out
+    assert magi(["checkpoint", "manifest", "--config", "magi-nope"]) == 2
