@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from stages.dit.kv_cache import ChunkKVCache
 from stages.errors import InvalidInput
 
 NULL_CAPTION_TOKENS = 50  # reference ``_process_null_embeddings``: null mask = first 50 tokens (hard-coded)
@@ -125,6 +124,12 @@ class CaptionBook:
             self._cache[(i, keys)] = self.tokens.prepend(y, mask, list(keys))
         return self._cache[(i, keys)]
 
+    def update(self, start: int, y: torch.Tensor, mask: torch.Tensor) -> None:
+        """Prompt ``(y, mask)`` applies from generated chunk ``start`` on: segments starting at or
+        after ``start`` are replaced (the latest update wins for every chunk it covers)."""
+        self.segments = [seg for seg in self.segments if seg[0] < start] + [(int(start), y, mask)]
+        self._cache.clear()
+
 
 def fit_caption(y: torch.Tensor, mask: torch.Tensor, length: int, channels: int, field_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad with zeros / truncate a caption to ``length`` tokens (mask 0 on padding).
@@ -155,8 +160,12 @@ class JobContext:
         prefix: (C, P, h, w) scaled prefix latent (I2V image / V2V video) or None.
         chunk_offset: whole prefix chunks (P // chunk_width).
         num_steps: denoising steps per chunk.
-        kv: the job's :class:`ChunkKVCache`.
+        kv: the job's K/V in the engine's pool (:class:`cluster.engine.kv_layout.JobKV`), None
+            until the job is admitted.
         latents: global chunk -> (C, chunk_width, h, w) latent of chunks in flight.
+        rope_base: global chunk at RoPE time position 0 (engine RoPE policy, see
+            :mod:`cluster.engine.runner`); 0 = absolute positions (the reference).
+        max_started: highest global chunk that has entered a window (its caption is in use).
     """
 
     job_id: str
@@ -168,8 +177,10 @@ class JobContext:
     prefix: torch.Tensor | None
     chunk_offset: int
     num_steps: int
-    kv: ChunkKVCache
+    kv: Any = None
     latents: dict[int, torch.Tensor] = field(default_factory=dict)
+    rope_base: int = 0
+    max_started: int = -1
 
     @property
     def prefix_frames(self) -> int:

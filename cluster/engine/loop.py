@@ -1,115 +1,66 @@
-"""The DiT engine loop: plan -> execute -> update per job (DESIGN.md section 2).
+"""The DiT engine: many jobs, one packed forward per step (DESIGN.md section 2). Never imports ray.
 
-``Engine`` owns a loaded :class:`~stages.dit.model.MagiDiT` and starts :class:`JobRun`s;
-``JobRun.step()`` asks the job's :class:`~cluster.scheduler.chunk_scheduler.ChunkScheduler`
-for the next plan, executes it with :class:`~cluster.engine.runner.StepRunner`, reports
-the result back and returns the events it produced (a Progress per step and a
-LatentChunk the moment a chunk is clean). Plain torch; never imports ray.
+Multi-job API (continuous batching; the deployment drives it from one compute thread)::
+
+    engine = Engine.from_checkpoint(model_cfg, dit_dir, max_active_jobs=4, queue_limit=16)
+    handle = engine.submit(job)          # JobHandle; raises InvalidInput (bad field) or
+                                         # EngineBusy (queue full -> RESOURCE_EXHAUSTED, .retry_after_s)
+    handle.state, handle.queue_position  # "queued" (position 0 = next) / "active" / "done" ...
+    while engine.has_work:
+        for event in engine.step():      # one step = every active job's window in ONE forward
+            route(event.job_id, event)   # Progress | LatentChunk | JobAdmitted | JobFinished
+    engine.cancel(job_id)                # leaves before the next step; KV region back in the pool
+    engine.update_prompt(job_id, start_chunk, caption_embedding)   # InvalidInput("start_chunk")
+    engine.snapshot(job_id) -> JobSnapshot; engine.submit(job, resume=snapshot)   # exact resume
+    engine.stats() -> EngineStats        # active/queued jobs, KV pool use, step time, TTFC/TPOC
+    engine.last_step -> StepInfo         # jobs and tokens of the last forward
+
+Options (``Engine(...)``): ``max_active_jobs``, ``queue_limit``, ``kv_pool_blocks``,
+``batch_cfg`` (guidance branches in one forward), ``max_forward_tokens`` (split a step into
+forwards of bounded size), ``rope_horizon_chunks`` (RoPE policy for long streams,
+:mod:`cluster.engine.runner`), ``kv_keep_all`` (reference-style whole-video KV; baseline).
+Not thread-safe: call every method from one thread (e.g. the deployment's compute thread).
+
+Scheduling: admission is FIFO and bounded by ``max_active_jobs`` and the KV pool
+(:mod:`cluster.engine.admission`); every active job advances exactly one step per engine step
+(a job's plans do not depend on what else runs), new jobs join at the next step, finished,
+cancelled and failed jobs leave at once. A job's chunks are bitwise the same alone or batched
+on CPU float32 (every chunk is its own attention group, projections of the condition and the
+captions run per window; tests/model/test_engine_batching.py). K/V: a fixed pool allocated at
+construction, one region per job (:mod:`stages.dit.kv_pool`, :mod:`cluster.engine.kv_layout`).
+
+Single-job API (kept for the deployment and the golden tests): ``Engine.start(job) -> JobRun``,
+``JobRun.step()`` runs that job alone (a batch of one), ``JobRun.cancel()`` / ``close()``.
+A JobRun takes its KV region at ``start`` (:class:`EngineBusy` if the pool is full).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cluster.engine.job import CaptionBook, JobContext, NoiseSource, fit_caption
-from cluster.engine.runner import StepOutcome, StepRunner
-from cluster.messages import EngineJob, LatentChunk, Progress
-from cluster.scheduler.chunk_scheduler import ChunkScheduler
-from cluster.scheduler.chunks import prefix_split
+from cluster.engine import snapshot as snapshots
+from cluster.engine.admission import Admission
+from cluster.engine.errors import EngineBusy, JobNotFound
+from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo
+from cluster.engine.kv_layout import JobKV
+from cluster.engine.prepare import JobPreparer, JobState
+from cluster.engine.runner import BatchRunner, StepOutcome
+from cluster.engine.single import JobRun, job_events
+from cluster.engine.stats import EngineStats, Histogram, JobStat
+from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk
 from cluster.scheduler.plan import StepResult
 from stages.config import ModelConfig
-from stages.dit.kv_cache import ChunkKVCache
-from stages.dit.model import LATENT_CHANNELS, MagiDiT
+from stages.dit.kv_pool import KVPool
+from stages.dit.model import MagiDiT
 from stages.errors import InvalidInput
-from stages.sampling import init_intervals, init_t
 
-
-class JobRun:
-    """One job in flight. Create with :meth:`Engine.start`.
-
-    Attributes:
-        job_id: the job's id.
-        num_chunks: chunks the job yields (None for an endless stream).
-        total_forwards: DiT steps of the job (prefix extraction excluded), None if endless.
-        last_outcome: the most recent :class:`StepOutcome` (window input / velocity, for tracing).
-    """
-
-    def __init__(self, runner: StepRunner, ctx: JobContext, scheduler: ChunkScheduler, num_chunks: int | None):
-        self._runner = runner
-        self._ctx = ctx
-        self._sched = scheduler
-        self.job_id = ctx.job_id
-        self.num_chunks = num_chunks
-        self.last_outcome: StepOutcome | None = None
-        self._closed = False
-
-    @property
-    def total_forwards(self) -> int | None:
-        return self._sched.total_forwards
-
-    @property
-    def done(self) -> bool:
-        return self._closed or self._sched.done
-
-    @property
-    def kv_chunks(self) -> list[int]:
-        """Global chunks whose K/V the job currently holds (the bounded ring)."""
-        return self._ctx.kv.chunks
-
-    @property
-    def kv_nbytes(self) -> int:
-        return self._ctx.kv.nbytes
-
-    def step(self) -> list[Progress | LatentChunk]:
-        """Run one plan -> execute -> update; returns the events (empty when done).
-
-        Events: one ``Progress`` per denoising step (``chunk`` = the oldest chunk in flight,
-        relative to the first generated chunk; ``step`` = denoising steps it has completed,
-        1..num_steps; the V2V prefix-extraction step reports none), then a ``LatentChunk``
-        for every chunk that became clean in this step (``latent`` float32 (C, T, h, w) on
-        CPU; T = chunk_width except the first chunk after a V2V prefix with leftover frames,
-        whose prefix frames are cut as the reference does). Resources are released after
-        the last step.
-
-        Raises:
-            RuntimeError: the plan needs a latent or cached K/V the job does not hold (bug).
-        """
-        if self.done:
-            return []
-        plan = self._sched.next_plan()
-        if plan is None:
-            self.close()
-            return []
-        started = time.perf_counter()
-        outcome = self._runner.execute(plan, self._ctx)
-        self._sched.update(StepResult(global_step=plan.global_step, emitted=tuple(outcome.emitted)))
-        self.last_outcome = outcome
-        events: list[Progress | LatentChunk] = []
-        den = plan.denoise_slots
-        if den:
-            oldest = den[0]
-            events.append(Progress(self.job_id, oldest.chunk - self._ctx.chunk_offset, oldest.step_index + 1, self._ctx.num_steps))
-        elapsed = time.perf_counter() - started
-        for chunk, latent in outcome.emitted.items():
-            events.append(LatentChunk(self.job_id, chunk - self._ctx.chunk_offset, latent, {"dit_step_s": elapsed}))
-        if self._sched.done:
-            self.close()
-        return events
-
-    def cancel(self) -> None:
-        """Stop the job now and release its memory."""
-        self._sched.cancel()
-        self.close()
-
-    def close(self) -> None:
-        """Release the job's KV storage and latents (idempotent)."""
-        self._closed = True
-        self._ctx.kv.clear()
-        self._ctx.latents.clear()
+log = logging.getLogger(__name__)
+DEFAULT_ROPE_HORIZON_CHUNKS = 32
 
 
 class Engine:
@@ -119,37 +70,65 @@ class Engine:
         model_cfg: the served model's configuration (sampling settings, geometry, special tokens).
         dit: the loaded DiT.
         device: where latents and K/V live (the DiT must be there already).
-        special_tokens: the model's special-token table
-            (``stages.text_encoder.special_tokens.SpecialTokenTable``, see
+        special_tokens: the model's special-token table (see
             :func:`stages.dit.token_table.load_special_tokens`); required when
             ``model_cfg.special_tokens`` prepends anything, ignored otherwise.
+        max_active_jobs: jobs batched into one step at most.
+        queue_limit: jobs that may wait for admission; more raise :class:`EngineBusy`.
+        kv_pool_blocks: KV-pool size in blocks (a block = one chunk at the model's default
+            size); default: room for ``max_active_jobs`` default-size jobs.
+        batch_cfg: guidance branches in one forward (False: one forward per branch kind).
+        rope_horizon_chunks: RoPE re-basing horizon (:mod:`cluster.engine.runner`), >=
+            window_size + max(noise2clean_kvrange); None = absolute positions (reference).
+        kv_keep_all: keep every chunk's K/V (reference behaviour; memory grows with length).
+        max_forward_tokens: split a step into forwards of at most this many query tokens
+            (bounds activation memory; :mod:`cluster.engine.runner`); None = one forward.
 
     Raises:
-        ValueError: special tokens are enabled but no table is given, or its width differs
-            from the DiT's ``caption_channels``.
+        ValueError: special tokens enabled but no table given or of the wrong width; a bad limit.
     """
 
-    def __init__(self, model_cfg: ModelConfig, dit: MagiDiT, device: str = "cpu", special_tokens: Any = None):
+    def __init__(self, model_cfg: ModelConfig, dit: MagiDiT, device: str = "cpu", special_tokens: Any = None, *,
+                 max_active_jobs: int = 4, queue_limit: int = 16, kv_pool_blocks: int | None = None,
+                 batch_cfg: bool = True, rope_horizon_chunks: int | None = DEFAULT_ROPE_HORIZON_CHUNKS,
+                 kv_keep_all: bool = False, max_forward_tokens: int | None = None):
         self.model_cfg = model_cfg
-        self.dit = dit.to(device).eval()
-        self.device = torch.device(device)
-        self.runner = StepRunner(self.dit, model_cfg.sampling)
         st = model_cfg.special_tokens
-        self.special_tokens = special_tokens if st.enabled else None
         if st.enabled and special_tokens is None:
             raise ValueError(
                 f"model {model_cfg.name!r} enables special tokens (special_tokens): pass the table, e.g. "
                 "Engine.from_checkpoint(...) or special_tokens=stages.dit.token_table.load_special_tokens(cfg, dit_dir)"
             )
-        if self.special_tokens is not None and self.special_tokens.dim != dit.cfg.caption_channels:
-            raise ValueError(f"special-token width {self.special_tokens.dim} != caption_channels {dit.cfg.caption_channels}")
+        if st.enabled and special_tokens.dim != dit.cfg.caption_channels:
+            raise ValueError(f"special-token width {special_tokens.dim} != caption_channels {dit.cfg.caption_channels}")
+        sp = model_cfg.sampling
+        if rope_horizon_chunks is not None and rope_horizon_chunks < sp.window_size + max(sp.noise2clean_kvrange, default=1):
+            raise ValueError(f"rope_horizon_chunks {rope_horizon_chunks} < window_size + max(noise2clean_kvrange)")
+        self.special_tokens = special_tokens if st.enabled else None
+        self.dit = dit.to(device).eval()
+        self.device = torch.device(device)
+        f, cfg = model_cfg.vae_spatial_factor, dit.cfg
+        block = self.dit.tokens_per_chunk(sp.chunk_width, model_cfg.height // f, model_cfg.width // f)
+        self.preparer = JobPreparer(model_cfg, self.dit, self.device, self.special_tokens, kv_keep_all, block)
+        blocks = kv_pool_blocks or max_active_jobs * self.preparer.default_blocks()
+        self.pool = KVPool(num_layers=cfg.num_layers, num_blocks=blocks, block_tokens=block,
+                           num_groups=cfg.num_query_groups, head_dim=cfg.kv_channels,
+                           dtype=self.dit.params_dtype, device=self.device)
+        self.runner = BatchRunner(self.dit, sp, self.pool, batch_cfg=batch_cfg, rope_horizon_chunks=rope_horizon_chunks,
+                                  max_forward_tokens=max_forward_tokens)
+        self._admission = Admission(max_active_jobs, queue_limit, self._allocate_kv, self._retry_hint)
+        self._pending: list = []  # lifecycle events produced between steps (cancel, admission at submit)
+        self._steps, self._chunks = 0, 0
+        self._finished = {"done": 0, "cancelled": 0, "failed": 0}
+        self._step_h, self._ttfc_h, self._tpoc_h = Histogram(), Histogram(), Histogram()
+        self.last_step: StepInfo | None = None
 
     @classmethod
     def from_checkpoint(cls, model_cfg: ModelConfig, dit_dir: Path, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "Engine":
+                        dtype: torch.dtype = torch.float32, **engine_kwargs) -> "Engine":
         """Load the DiT (:func:`stages.dit.weights.load_dit`, distill variant from the sampling
         settings) and its special-token table (:func:`stages.dit.token_table.load_special_tokens`)
-        from the checkpoint folder ``dit_dir`` and build the engine.
+        from ``dit_dir`` and build the engine (``engine_kwargs``: see :class:`Engine`).
 
         Raises:
             FileNotFoundError, stages.dit.weights.CheckpointMismatch: see the loaders.
@@ -158,10 +137,41 @@ class Engine:
         from stages.dit.weights import load_dit  # noqa: PLC0415
 
         dit = load_dit(Path(dit_dir), model_cfg.dit, device=device, dtype=dtype, distill=model_cfg.sampling.distill)
-        return cls(model_cfg, dit, device=device, special_tokens=load_special_tokens(model_cfg, Path(dit_dir)))
+        return cls(model_cfg, dit, device=device, special_tokens=load_special_tokens(model_cfg, Path(dit_dir)),
+                   **engine_kwargs)
 
+    # ----- KV regions ------------------------------------------------------------
+    def _check_fits(self, st: JobState) -> None:
+        """Raises InvalidInput when the job needs more KV-pool blocks than the pool has: the
+        field is what makes it large (num_chunks with keep_all KV, the V2V prefix, or the size)."""
+        if st.blocks <= self.pool.num_blocks:
+            return
+        if self.preparer.keep_all:
+            name = "num_chunks"
+        else:
+            name = "prefix_latent" if st.ctx.chunk_offset >= st.areas.main else "height"
+        raise InvalidInput(name, f"the job needs {st.blocks} KV-pool blocks, the engine's pool has {self.pool.num_blocks} "
+                                 "(Engine kv_pool_blocks)")
+
+    def _allocate_kv(self, st: JobState) -> bool:
+        region = self.pool.alloc(st.blocks)
+        if region is None:
+            return False
+        st.ctx.kv = JobKV(self.pool, region, self.dit.tokens_per_chunk(st.ctx.chunk_width, st.ctx.latent_h,
+                                                                         st.ctx.latent_w), st.areas, self.preparer.keep_all)
+        st.state, st.timings.admitted = "active", time.perf_counter()
+        if st.resume is not None:
+            snapshots.restore(st, st.resume)
+        return True
+
+    def _release_kv(self, st: JobState) -> None:
+        if st.ctx.kv is not None:
+            self.pool.release(st.ctx.kv.region)
+            st.ctx.kv = None
+
+    # ----- single-job API --------------------------------------------------------
     def start(self, job: EngineJob, noise: torch.Tensor | None = None) -> JobRun:
-        """Prepare a job: geometry, captions per chunk, noise, scheduler.
+        """Prepare a job to be run on its own with :meth:`JobRun.step`.
 
         Args:
             job: the job (spec, caption embeddings per prompt segment, prefix latent).
@@ -172,76 +182,198 @@ class Engine:
 
         Raises:
             InvalidInput: a field the engine cannot use (named in the error).
+            EngineBusy: the KV pool has no room for the job now.
         """
-        spec, mc = job.spec, self.model_cfg
-        sp = mc.sampling
-        if spec.num_steps <= 0 or spec.num_steps % sp.window_size:
-            raise InvalidInput("num_steps", f"must be a positive multiple of window_size {sp.window_size}, got {spec.num_steps}")
-        step = mc.vae_spatial_factor * self.dit.cfg.patch_size
-        if spec.height <= 0 or spec.width <= 0 or spec.height % step or spec.width % step:
-            raise InvalidInput("height", f"height and width must be positive multiples of {step}, got {spec.height}x{spec.width}")
-        h, w = spec.height // mc.vae_spatial_factor, spec.width // mc.vae_spatial_factor
-        prefix = self._prefix(job.prefix_latent, h, w)
-        p_frames = 0 if prefix is None else prefix.shape[1]
-        offset, _ = prefix_split(p_frames, sp.chunk_width)
-        if spec.num_chunks is not None and spec.num_chunks <= 0:
-            raise InvalidInput("num_chunks", f"must be positive, got {spec.num_chunks}")
-        total = None if spec.num_chunks is None else offset + spec.num_chunks
-        ctx = JobContext(
-            job_id=spec.job_id, chunk_width=sp.chunk_width, latent_h=h, latent_w=w,
-            noise=NoiseSource(spec.seed, (LATENT_CHANNELS, sp.chunk_width, h, w), self._noise(noise)),
-            captions=self._captions(job, offset, spec.num_chunks), prefix=prefix, chunk_offset=offset, num_steps=spec.num_steps,
-            kv=ChunkKVCache(self.dit.cfg.num_layers),
+        st = self.preparer.prepare(job, noise)
+        self._check_fits(st)
+        if not self._allocate_kv(st):
+            raise EngineBusy(queue_limit=0, active=len(self._admission.active), queued=len(self._admission.queued),
+                             retry_after_s=self._retry_hint())
+        return JobRun(self, st)
+
+    # ----- multi-job API ---------------------------------------------------------
+    def submit(self, job: EngineJob, noise: torch.Tensor | None = None, resume: "snapshots.JobSnapshot | None" = None
+               ) -> JobHandle:
+        """Queue a job; it runs from the next :meth:`step` once admitted (FIFO, bounded by
+        ``max_active_jobs`` and the KV pool). ``resume``: continue exactly from a snapshot.
+
+        Raises:
+            InvalidInput: a field the engine cannot use (named), a duplicate ``job_id``, or a
+                job the KV pool can never hold.
+            EngineBusy: the queue is full (RESOURCE_EXHAUSTED; ``retry_after_s`` hint).
+        """
+        st = self.preparer.prepare(job, noise)
+        if st.job_id in self._admission:
+            raise InvalidInput("job_id", f"job {st.job_id!r} is already queued or running")
+        self._check_fits(st)
+        if resume is not None:
+            snapshots.check(st, resume)
+            st.resume = resume
+        if self._admission.offer(st.job_id, st):
+            self._pending.append(JobAdmitted(st.job_id, 0.0))
+        return JobHandle(self, st)
+
+    @property
+    def has_work(self) -> bool:
+        """True while a job is queued or active, or lifecycle events wait to be returned."""
+        return bool(self._admission.active or self._admission.queued or self._pending)
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self._admission.position(job_id)
+
+    def handle(self, job_id: str) -> JobHandle:
+        """Handle of a queued or active job.
+
+        Raises:
+            JobNotFound: no such queued or active job.
+        """
+        st = self._admission.get(job_id)
+        if st is None:
+            raise JobNotFound(job_id)
+        return JobHandle(self, st)
+
+    def step(self) -> list:
+        """Admit waiting jobs, then run one step of every active job in ONE packed forward.
+
+        Returns:
+            events in order: lifecycle events since the last step, then per job (admission
+            order) its ``Progress`` / ``LatentChunk`` events and a ``JobFinished`` if it ended.
+            A failing shared forward fails every job of the step (``JobFinished`` "failed");
+            a job whose own state is bad fails alone.
+        """
+        events, self._pending = self._pending, []
+        now = time.perf_counter()
+        for st in self._admission.admit():
+            events.append(JobAdmitted(st.job_id, now - st.timings.submitted))
+        items = []
+        for st in self._admission.active:
+            plan = st.sched.next_plan()
+            if plan is None:  # finished without a pending step (defensive; jobs leave when done)
+                events.append(self._finish(st, "cancelled" if st.sched.cancelled else "done"))
+            else:
+                items.append((st, plan))
+        if not items:
+            return events
+        started = time.perf_counter()
+        try:
+            outcomes = self.runner.run([(st.ctx, plan) for st, plan in items])
+        except Exception as err:  # noqa: BLE001 - the replica survives; the step's jobs fail
+            log.exception("engine step failed")
+            outcomes = [err] * len(items)
+        dt = time.perf_counter() - started
+        self._record_step(items, outcomes, dt)
+        for (st, plan), out in zip(items, outcomes):
+            if isinstance(out, BaseException):
+                events.append(self._finish(st, "failed", f"{type(out).__name__}: {out}"))
+                continue
+            st.sched.update(StepResult(global_step=plan.global_step, emitted=tuple(out.emitted)))
+            st.last_outcome = out
+            job_ev = job_events(st, plan, out, dt)
+            self._observe(job_ev)
+            events.extend(job_ev)
+            if st.sched.done:
+                events.append(self._finish(st, "done"))
+        return events
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or active job: it is not part of any later step and its KV region
+        is back in the pool when this returns. False if no such job (already gone)."""
+        st = self._admission.get(job_id)
+        if st is None:
+            return False
+        st.sched.cancel()
+        self._pending.append(self._finish(st, "cancelled"))
+        return True
+
+    def update_prompt(self, job_id: str, start_chunk: int, caption: CaptionEmbedding) -> None:
+        """Use ``caption`` from generated chunk ``start_chunk`` on (replacing prompt segments
+        that start at or after it). Chunks before ``start_chunk`` are unaffected bitwise.
+
+        Raises:
+            JobNotFound: no such queued or active job.
+            InvalidInput("start_chunk"): a chunk that has already entered the window (its
+                denoising started) or past the job's last chunk; InvalidInput("caption"): bad shape.
+        """
+        st = self._admission.get(job_id)
+        if st is None:
+            raise JobNotFound(job_id)
+        self._update_prompt(st, start_chunk, caption)
+
+    def _update_prompt(self, st: JobState, start_chunk: int, caption: CaptionEmbedding) -> None:
+        ctx = st.ctx
+        if isinstance(start_chunk, bool) or not isinstance(start_chunk, int) or start_chunk < 0:
+            raise InvalidInput("start_chunk", f"must be an integer >= 0, got {start_chunk!r}")
+        earliest = ctx.max_started - ctx.chunk_offset + 1
+        if start_chunk < earliest:
+            raise InvalidInput("start_chunk", f"chunk {start_chunk} is already in flight or done (chunks 0..{earliest - 1} "
+                                              f"have started); the earliest chunk a new prompt can start at is {earliest}")
+        n = st.sched.num_chunks
+        if n is not None and start_chunk >= n - ctx.chunk_offset:
+            raise InvalidInput("start_chunk", f"chunk {start_chunk} is past the job's last chunk {n - ctx.chunk_offset - 1}")
+        y, mask = self.preparer.caption(caption, "caption")
+        ctx.captions.update(start_chunk, y, mask)
+
+    def snapshot(self, job_id: str) -> "snapshots.JobSnapshot":
+        """State of an active job between steps, enough to resume it exactly
+        (:mod:`cluster.engine.snapshot`).
+
+        Raises:
+            JobNotFound: no such job; InvalidInput("job_id"): the job is still queued.
+        """
+        st = self._admission.get(job_id)
+        if st is None:
+            raise JobNotFound(job_id)
+        return snapshots.take(st)
+
+    def stats(self) -> EngineStats:
+        """Snapshot of the engine's state and counters (:class:`cluster.engine.stats.EngineStats`)."""
+        jobs = tuple(
+            JobStat(st.job_id, st.state, self._admission.position(st.job_id), st.timings.steps, st.timings.chunks,
+                    st.timings.ttfc_s, st.timings.tpoc_s, 0 if st.ctx.kv is None else st.ctx.kv.reserved_bytes)
+            for st in [*self._admission.active, *self._admission.queued]
         )
-        sched = ChunkScheduler(
-            num_chunks=total, window_size=sp.window_size, num_steps=spec.num_steps,
-            t_schedule=init_t(spec.num_steps, sp.shortcut_mode).tolist(),
-            distill_intervals=init_intervals(spec.num_steps, sp.shortcut_mode), chunk_offset=offset,
-            noise2clean_kvrange=sp.noise2clean_kvrange, clean_chunk_kvrange=sp.clean_chunk_kvrange, clean_t=sp.clean_t,
-            distill_nearly_clean_chunk_threshold=sp.distill_nearly_clean_chunk_threshold,
+        pool = self.pool
+        return EngineStats(
+            active_jobs=len(self._admission.active), queued_jobs=len(self._admission.queued),
+            max_active_jobs=self._admission.max_active, queue_limit=self._admission.queue_limit,
+            kv_pool_bytes=pool.nbytes, kv_pool_used_bytes=pool.used_blocks * pool.block_tokens * pool.token_bytes,
+            kv_pool_blocks=pool.num_blocks, kv_pool_free_blocks=pool.free_blocks, steps=self._steps,
+            chunks_produced=self._chunks, jobs_finished=dict(self._finished),
+            last_step_s=None if self.last_step is None else self.last_step.duration_s,
+            step_s=self._step_h.snapshot(), ttfc_s=self._ttfc_h.snapshot(), tpoc_s=self._tpoc_h.snapshot(), jobs=jobs,
         )
-        return JobRun(self.runner, ctx, sched, spec.num_chunks)
 
-    def _prefix(self, prefix, h: int, w: int) -> torch.Tensor | None:
-        if prefix is None:
-            return None
-        prefix = torch.as_tensor(prefix, dtype=torch.float32)
-        if prefix.ndim == 5 and prefix.shape[0] == 1:
-            prefix = prefix[0]
-        if prefix.ndim != 4 or prefix.shape[0] != LATENT_CHANNELS or tuple(prefix.shape[2:]) != (h, w) or prefix.shape[1] < 1:
-            raise InvalidInput("prefix_latent", f"expected ({LATENT_CHANNELS}, T, {h}, {w}), got {tuple(prefix.shape)}")
-        return prefix.to(self.device)
+    # ----- bookkeeping -----------------------------------------------------------
+    def _finish(self, st: JobState, state: str, error: str | None = None) -> JobFinished:
+        self._admission.remove(st.job_id)
+        self._release_kv(st)
+        st.ctx.latents.clear()
+        st.state, st.error = state, error
+        self._finished[state] += 1
+        return JobFinished(st.job_id, state, len(st.sched.emitted), error)
 
-    def _noise(self, noise) -> torch.Tensor | None:
-        if noise is None:
-            return None
-        noise = torch.as_tensor(noise, dtype=torch.float32)
-        return noise[0] if noise.ndim == 5 else noise
+    def _record_step(self, items, outcomes, dt: float) -> None:
+        ok = [o for o in outcomes if isinstance(o, StepOutcome)]
+        self.last_step = StepInfo(self._steps, dt, tuple(st.job_id for st, _ in items),
+                                  sum(len(o.windows) for o in ok), sum(o.tokens for o in ok))
+        self._steps += 1
+        self._step_h.observe(dt)
 
-    def _captions(self, job: EngineJob, offset: int, num_chunks: int | None) -> CaptionBook:
-        cfg, st = self.dit.cfg, self.model_cfg.special_tokens
-        negative = self.special_tokens if st.negative_prompt else None
-        null_y, null_mask = CaptionBook.null_from(self.dit.y_embedder.null_caption_embedding, negative)
-        if not job.captions:
-            raise InvalidInput("captions", "at least one caption (prompt segment) is required")
-        segments = []
-        for start, emb in sorted(job.captions, key=lambda item: item[0]):
-            y, mask = fit_caption(emb.embedding, emb.mask, cfg.caption_max_length, cfg.caption_channels, "captions")
-            segments.append((int(start), y.to(self.device), mask.to(self.device)))
-        if segments[0][0] != 0:
-            raise InvalidInput("captions", f"the first prompt segment must start at chunk 0, got {segments[0][0]}")
-        book = CaptionBook(segments, null_y.to(self.device), null_mask.to(self.device), chunk_offset=offset)
-        flags = self._token_flags()
-        if flags is not None:
-            book.tokens, book.flags, book.num_chunks = self.special_tokens, flags, num_chunks
-        return book
+    def _observe(self, events: list) -> None:
+        for e in events:
+            if isinstance(e, LatentChunk):
+                self._chunks += 1
+                if "ttfc_s" in e.timings:
+                    self._ttfc_h.observe(e.timings["ttfc_s"])
+                if "tpoc_s" in e.timings:
+                    self._tpoc_h.observe(e.timings["tpoc_s"])
 
-    def _token_flags(self):
-        """``SpecialTokenFlags`` of the conditional captions, or None when none is prepended."""
-        st = self.model_cfg.special_tokens
-        names = ("static", "dynamic", "borderness", "hq", "three_d_model", "two_d_anime", "duration")
-        if self.special_tokens is None or not any(getattr(st, n) for n in names):
-            return None
-        from stages.text_encoder.special_tokens import SpecialTokenFlags  # noqa: PLC0415
-
-        return SpecialTokenFlags(**{n: getattr(st, n) for n in names})
+    def _retry_hint(self) -> float:
+        """Seconds until the active job closest to finishing is done (mean step time times its
+        remaining steps); 1 s when unknown."""
+        mean = self._step_h.snapshot().mean
+        left = [st.sched.total_forwards - st.sched.steps_done for st in self._admission.active
+                if st.sched.total_forwards is not None]
+        if mean is None or not left:
+            return 1.0
+        return max(0.1, mean * min(left))

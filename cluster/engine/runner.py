@@ -1,23 +1,33 @@
-"""Executes one :class:`~cluster.scheduler.plan.StepPlan` of one job (plain torch).
+"""Executes one engine step: the plans of any number of jobs in one packed DiT forward.
 
-Reference ``SampleTransport.forward_velocity`` + ``VideoDiTModel.forward_dispatcher`` +
-``SampleTransport.integrate_velocity``: build the model-input window from the job's
-latents (prefix latents written in as ``try_pad_prefix_video`` does), run the CFG
-branches, combine them (:mod:`stages.sampling`), Euler-update every DENOISE slot,
-persist the K/V of ``plan.kv_write_chunks`` and release K/V below ``plan.kv_keep_from``.
+For every (job, plan): build the window and its guidance branches
+(:mod:`cluster.engine.windows`), then run ALL branch windows of ALL jobs as one
+:meth:`stages.dit.model.MagiDiT.forward_packed` over the engine's KV pool (continuous
+batching; guidance branches batched), then per job combine the branches
+(:func:`stages.sampling.combine_cfg3` / :func:`stages.sampling.distill_blend`), Euler-update
+every DENOISE slot (reference ``SampleTransport.integrate_velocity``), commit the clean
+chunks' K/V (written in place by the forward) and release the ring below ``kv_keep_from``.
 
-Branches (each one :class:`~stages.dit.model.MagiDiT` forward):
+``batch_cfg=False`` runs one forward per branch kind instead (the sequential-branch
+baseline of ``bench/batching.py``; same windows, same outputs). ``max_forward_tokens``
+splits a step's windows into several forwards of at most that many query tokens (a window
+is never split): it bounds a step's activation memory however many jobs are active, and on
+CPUs with small caches keeps the working set in cache; outputs are the same bitwise.
 
-* cfg_number 3: ``cond_prev_text`` (captions + history, K/V not kept), ``cond_prev``
-  (null caption + history; the branch whose K/V are persisted), ``uncond`` (every
-  DENOISE chunk alone, null caption, RoPE restarting at 0). A branch whose guidance
-  weight is 0 for every chunk (text_scale 0, or prev_chunk_scale 1 for ``uncond``) is
-  skipped: it contributes ``0 * v`` to the combine, so the result is unchanged.
-* cfg_number 1: one forward (captions + history, K/V persisted); when
-  ``plan.distill_nearly_clean_chunk``, a self-only copy of the first DENOISE chunk is
-  appended (RoPE positions continue after the window, a reference quirk) and blended
-  0.7 / 0.3 (:func:`stages.sampling.distill_blend`).
-The clean re-forward and prefix chunks always get the null caption.
+RoPE position policy (streams longer than the training horizon). The reference uses
+absolute time positions (frame index over the whole video). Positions here are taken
+relative to ``ctx.rope_base`` (a global chunk, initially 0, so every job that stays within
+``rope_horizon_chunks`` chunks gets exactly the reference's absolute positions). When a
+window would end more than ``rope_horizon_chunks`` chunks past the base, the base jumps to
+the plan's ``kv_keep_from`` (the oldest chunk any query can still see) and the keys of the
+held ring chunks are rotated back by the jump (:meth:`stages.dit.model.MagiDiT.rope_time_shift`;
+RoPE composes, so every query/key pair keeps its position difference). Time positions thus
+stay below ``rope_horizon_chunks * chunk_width`` latent frames for any stream length. Departure
+from the reference beyond the horizon: float32 rounding of the rotated ring keys (about
+1e-7 relative) and of the table's ``T_total`` rescale quirk. The unconditional branch's
+positions restart at 0 for every chunk as in the reference. ``None`` = absolute positions.
+The duration special token of an open-ended stream counts as 8 or more chunks remaining
+(:meth:`stages.text_encoder.special_tokens.SpecialTokenFlags.keys`).
 """
 
 from __future__ import annotations
@@ -27,215 +37,135 @@ from dataclasses import dataclass, field
 import torch
 
 from cluster.engine.job import JobContext
-from cluster.scheduler.plan import ChunkSlot, SlotRole, StepPlan
+from cluster.engine.windows import JobStep, WindowBuilder
+from cluster.scheduler.plan import StepPlan
 from stages.config import SamplingConfig
-from stages.dit.model import DiTInput, MagiDiT
-from stages.sampling import cfg_scales, combine_cfg3, distill_blend, euler_step
+from stages.dit.kv_pool import KVPool
+from stages.dit.model import MagiDiT
+from stages.sampling import combine_cfg3, distill_blend, euler_step
 
-
-@dataclass
-class Window:
-    """Model-input window of one plan.
-
-    Attributes:
-        x: (C, K * chunk_width, h, w) latents (prefix frames written in).
-        t: (K,) float32 model timesteps.
-        kv_range: (K, 2) int64 token ranges over [history | window].
-        history: per-layer cached K/V or None; hist_tokens: its length.
-        rope_offset: latent frame index of the window's first frame.
-    """
-
-    slots: tuple[ChunkSlot, ...]
-    x: torch.Tensor
-    t: torch.Tensor
-    kv_range: torch.Tensor
-    history: list | None
-    hist_tokens: int
-    rope_offset: int
-    tpc: int
-
-    @property
-    def k(self) -> int:
-        return len(self.slots)
-
-    def index(self, chunk: int) -> int:
-        return chunk - self.slots[0].chunk
+BRANCHES = ("main", "text", "uncond")
 
 
 @dataclass
 class StepOutcome:
     """``emitted``: global chunk -> clean latent (C, frames, h, w) float32 CPU; ``x_in`` /
-    ``velocity``: the window input and combined velocity (for tracing; velocity None for
-    prefix extraction)."""
+    ``velocity``: the window input and combined velocity (C, K * chunk_width, h, w), for
+    tracing (velocity None for prefix extraction); ``windows``: branch windows run."""
 
     emitted: dict[int, torch.Tensor] = field(default_factory=dict)
     x_in: torch.Tensor | None = None
     velocity: torch.Tensor | None = None
+    windows: tuple[str, ...] = ()
+    tokens: int = 0
 
 
-class StepRunner:
-    """Runs plans of any job on one DiT.
+class BatchRunner:
+    """Runs the plans of several jobs as one engine step.
 
     Args:
-        dit: the model (its device is used for all tensors).
-        sampling: guidance / distillation settings.
+        dit: the model; sampling: guidance / distillation settings; pool: the KV pool.
+        batch_cfg: all branches in one forward (default) or one forward per branch kind.
+        rope_horizon_chunks: RoPE re-basing horizon (module docstring); None = absolute.
+        max_forward_tokens: query-token budget of one forward (module docstring); None = one
+            forward per step.
     """
 
-    def __init__(self, dit: MagiDiT, sampling: SamplingConfig):
-        self.dit = dit
-        self.sampling = sampling
-        self.device = next(dit.parameters()).device
+    def __init__(self, dit: MagiDiT, sampling: SamplingConfig, pool: KVPool, *, batch_cfg: bool = True,
+                 rope_horizon_chunks: int | None = None, max_forward_tokens: int | None = None):
+        self.dit, self.sampling, self.pool = dit, sampling, pool
+        self.builder = WindowBuilder(dit, sampling)
+        self.batch_cfg = batch_cfg
+        self.max_forward_tokens = max_forward_tokens
+        self.rope_horizon_chunks = rope_horizon_chunks
 
-    # ----- window -----------------------------------------------------------
-    def _tokens_per_chunk(self, ctx: JobContext) -> int:
-        cfg = self.dit.cfg
-        return (ctx.chunk_width // cfg.t_patch_size) * (ctx.latent_h // cfg.patch_size) * (ctx.latent_w // cfg.patch_size)
+    @torch.no_grad()
+    def run(self, items: list[tuple[JobContext, StepPlan]]) -> list[StepOutcome | BaseException]:
+        """Execute one plan per job in one step; per job its :class:`StepOutcome`, or the
+        exception that failed that job alone (building its window). An exception of the
+        shared forward propagates (every job of the step failed).
+        """
+        steps: list[JobStep | BaseException] = []
+        for ctx, plan in items:
+            try:
+                self._rope_policy(ctx, plan)
+                steps.append(self.builder.job_step(plan, ctx))
+            except Exception as err:  # noqa: BLE001 - isolates one job's bad state from the batch
+                steps.append(err)
+        live = [s for s in steps if isinstance(s, JobStep)]
+        self._forward(live)
+        return [s if isinstance(s, BaseException) else self._finish(s) for s in steps]
 
-    def _slot_latent(self, slot: ChunkSlot, ctx: JobContext) -> torch.Tensor:
-        cw = ctx.chunk_width
-        if slot.role is SlotRole.PREFIX:
-            return ctx.prefix[:, slot.chunk * cw : (slot.chunk + 1) * cw].to(self.device, torch.float32)
-        if slot.chunk not in ctx.latents:
-            if slot.role is not SlotRole.DENOISE:
-                raise RuntimeError(f"job {ctx.job_id}: no latent for clean re-forward chunk {slot.chunk}")
-            ctx.latents[slot.chunk] = ctx.noise.chunk(slot.chunk, self.device)
-        return ctx.latents[slot.chunk]
+    def _forward(self, steps: list[JobStep]) -> None:
+        kinds = [BRANCHES] if self.batch_cfg else [(b,) for b in BRANCHES]
+        for kind in kinds:
+            for part in self._split([(s, name) for s in steps for name in kind if name in s.branches]):
+                out = self.dit.forward_packed([s.branches[name] for s, name in part], self.pool)
+                for (s, name), v in zip(part, out):
+                    s.velocity[name] = v
 
-    def build_window(self, plan: StepPlan, ctx: JobContext) -> Window:
-        """Assemble the window (reference steps 3-6 of ``forward_velocity``)."""
-        slots, cw, tpc = plan.slots, ctx.chunk_width, self._tokens_per_chunk(ctx)
-        first = slots[0].chunk
-        if [s.chunk for s in slots] != list(range(first, first + len(slots))):
-            raise RuntimeError(f"plan {plan.global_step}: window chunks {[s.chunk for s in slots]} not consecutive")
-        x = torch.cat([self._slot_latent(s, ctx) for s in slots], dim=1).clone()
-        t = torch.tensor([s.t for s in slots], dtype=torch.float32)
-        if not plan.is_prefix_extraction:
-            self._pad_prefix(x, t, first * cw, ctx)
-        hist_start = min(first, *(s.kv_range[0] for s in slots))
-        history = ctx.kv.history(hist_start, first)
-        kv = torch.tensor([[(a - hist_start) * tpc, (b - hist_start) * tpc] for a, b in (s.kv_range for s in slots)])
-        return Window(slots, x, t.to(self.device), kv, history, (first - hist_start) * tpc, first * cw, tpc)
+    def _split(self, todo: list[tuple[JobStep, str]]) -> list[list[tuple[JobStep, str]]]:
+        """Consecutive runs of windows within the token budget (one run without a budget)."""
+        budget = self.max_forward_tokens
+        parts: list[list[tuple[JobStep, str]]] = []
+        used = 0
+        for s, name in todo:
+            tokens = s.branches[name].k * s.win.tpc
+            if not parts or (budget is not None and used + tokens > budget):
+                parts.append([])
+                used = 0
+            parts[-1].append((s, name))
+            used += tokens
+        return parts
 
-    @staticmethod
-    def _pad_prefix(x: torch.Tensor, t: torch.Tensor, start: int, ctx: JobContext) -> None:
-        """Reference ``try_pad_prefix_video``: overwrite the window's leading frames with the
-        prefix latent; whole prefix chunks in the window get t = 1.0."""
-        p = ctx.prefix_frames
-        if p <= start:
+    def _rope_policy(self, ctx: JobContext, plan: StepPlan) -> None:
+        horizon = self.rope_horizon_chunks
+        if horizon is None or plan.slots[-1].chunk + 1 - ctx.rope_base <= horizon:
             return
-        n = min(p - start, x.shape[1])
-        x[:, :n] = ctx.prefix[:, start : start + n].to(x.device, x.dtype)
-        whole = (p - start) // ctx.chunk_width
-        if whole > 0:
-            t[:whole] = 1.0
+        jump = plan.kv_keep_from - ctx.rope_base
+        if jump <= 0:
+            return
+        frames = jump * ctx.chunk_width
+        ctx.kv.shift_keys(lambda k: self.dit.rope_time_shift(k, frames))
+        ctx.rope_base = plan.kv_keep_from
 
-    # ----- model calls ------------------------------------------------------
-    def _distill_dt(self, plan: StepPlan, ctx: JobContext, k: int) -> torch.Tensor | None:
-        """Reference ``get_embedding_and_meta`` (engine_config.distill): dt = num_steps / 4 * 2,
-        or 4 / distill_interval * 2 for the 12-step shortcut schedule."""
-        if not self.sampling.distill:
-            return None
-        factor = 4 / plan.distill_interval * 2 if ctx.num_steps == 12 else ctx.num_steps / 4 * 2
-        return torch.full((k,), factor, dtype=torch.float32, device=self.device)
-
-    def _captions(self, win: Window, ctx: JobContext, null: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [
-            ctx.captions.caption(s.chunk) if (s.role is SlotRole.DENOISE and not null) else (ctx.captions.null_y, ctx.captions.null_mask)
-            for s in win.slots
-        ]
-        y = torch.stack([p[0] for p in pairs]).to(self.device)
-        return y, torch.stack([p[1] for p in pairs]).to(self.device)
-
-    def _forward(self, win: Window, plan: StepPlan, ctx: JobContext, *, null: bool, dropout: bool, write: bool):
-        y, mask = self._captions(win, ctx, null)
-        return self.dit(
-            DiTInput(
-                x=win.x, t=win.t, y=y, y_mask=mask, kv_range=win.kv_range,
-                caption_dropout=torch.full((win.k,), dropout, dtype=torch.bool, device=self.device),
-                segments=((win.k, win.rope_offset),), distill_dt=self._distill_dt(plan, ctx, win.k),
-                history=win.history, return_kv=tuple(win.index(c) for c in plan.kv_write_chunks) if write else (),
-            )
-        )
-
-    def _uncond(self, win: Window, plan: StepPlan, ctx: JobContext, n: int) -> torch.Tensor:
-        """Every DENOISE chunk alone (reference ``forward_3cfg`` third branch)."""
-        cw, tpc = ctx.chunk_width, win.tpc
-        y, mask = ctx.captions.null_y, ctx.captions.null_mask
-        out = self.dit(
-            DiTInput(
-                x=win.x[:, -n * cw :], t=win.t[-n:], y=y.expand(n, -1, -1).to(self.device),
-                y_mask=mask.expand(n, -1).to(self.device),
-                kv_range=torch.tensor([[i * tpc, (i + 1) * tpc] for i in range(n)]),
-                caption_dropout=torch.ones(n, dtype=torch.bool, device=self.device),
-                segments=((1, 0),) * n, distill_dt=self._distill_dt(plan, ctx, n),
-            )
-        )
-        return out.velocity
-
-    def _persist(self, plan: StepPlan, ctx: JobContext, kv: dict) -> None:
-        win_first = plan.slots[0].chunk
-        for c in plan.kv_write_chunks:
-            ctx.kv.put(c, kv[c - win_first])
-
-    def _cfg3(self, win: Window, plan: StepPlan, ctx: JobContext, n: int) -> torch.Tensor:
-        sp = self.sampling
-        c_p = self._forward(win, plan, ctx, null=True, dropout=True, write=True)
-        self._persist(plan, ctx, c_p.kv)
-        if n == 0:
-            return c_p.velocity
-        cw = ctx.chunk_width
-        p, s = cfg_scales(win.t[-n:].cpu(), sp.cfg_t_range, sp.prev_chunk_scales, sp.text_scales)
-        cond = c_p.velocity[:, -n * cw :]
-        text = (
-            self._forward(win, plan, ctx, null=False, dropout=False, write=False).velocity[:, -n * cw :]
-            if bool((s != 0).any()) else torch.zeros_like(cond)
-        )
-        uncond = self._uncond(win, plan, ctx, n) if bool((p != 1).any()) else torch.zeros_like(cond)
-        return torch.cat([c_p.velocity[:, : -n * cw], combine_cfg3(uncond, cond, text, p, s, chunk_width=cw)], dim=1)
-
-    def _cfg1(self, win: Window, plan: StepPlan, ctx: JobContext, n: int) -> torch.Tensor:
-        cw, k = ctx.chunk_width, win.k
-        if not (plan.distill_nearly_clean_chunk and n > 0):
-            out = self._forward(win, plan, ctx, null=False, dropout=False, write=True)
-            self._persist(plan, ctx, out.kv)
-            return out.velocity
-        j = k - n  # first DENOISE slot (reference slice_start)
+    # ----- per job after the forward ---------------------------------------------
+    def _combine(self, s: JobStep) -> torch.Tensor:
+        cw, n, win = s.ctx.chunk_width, s.n, s.win
+        main = s.velocity["main"]
+        if self.sampling.cfg_number == 3:
+            if n == 0:
+                return main
+            cond = main[:, -n * cw :]
+            text = s.velocity["text"][:, -n * cw :] if "text" in s.velocity else torch.zeros_like(cond)
+            uncond = s.velocity.get("uncond", torch.zeros_like(cond))
+            mixed = combine_cfg3(uncond, cond, text, s.prev_scale, s.text_scale, chunk_width=cw)
+            return torch.cat([main[:, : -n * cw], mixed], dim=1)
+        if not s.extra:
+            return main
+        k = win.k
+        j = k - n
         seg = slice(j * cw, (j + 1) * cw)
-        tok = win.hist_tokens + k * win.tpc
-        ext = Window(
-            win.slots + (win.slots[j],), torch.cat([win.x, win.x[:, seg]], dim=1), torch.cat([win.t, win.t[j : j + 1]]),
-            torch.cat([win.kv_range, torch.tensor([[tok, tok + win.tpc]])]), win.history, win.hist_tokens,
-            win.rope_offset, win.tpc,
-        )
-        out = self._forward(ext, plan, ctx, null=False, dropout=False, write=True)
-        self._persist(plan, ctx, out.kv)
-        v = out.velocity[:, : k * cw].clone()
-        v[:, seg] = distill_blend(v[:, seg], out.velocity[:, k * cw :], self.sampling.prev_chunks_scale)
+        v = main[:, : k * cw].clone()
+        v[:, seg] = distill_blend(v[:, seg], main[:, k * cw :], self.sampling.prev_chunks_scale)
         return v
 
-    # ----- step -------------------------------------------------------------
-    @torch.no_grad()
-    def execute(self, plan: StepPlan, ctx: JobContext) -> StepOutcome:
-        """Run ``plan`` for ``ctx``: forward(s), Euler update, KV persist/release, emitted chunks.
-
-        Raises:
-            RuntimeError: the plan needs a latent or cached K/V the job does not hold.
-        """
-        win = self.build_window(plan, ctx)
-        den = plan.denoise_slots
-        n = len(den)
-        if [s.chunk for s in win.slots[win.k - n :]] != [s.chunk for s in den]:
-            raise RuntimeError(f"plan {plan.global_step}: DENOISE slots must close the window")
-        velocity = (self._cfg3 if self.sampling.cfg_number == 3 else self._cfg1)(win, plan, ctx, n)
-        ctx.kv.drop_before(plan.kv_keep_from)
+    def _finish(self, s: JobStep) -> StepOutcome:
+        ctx, plan, win, n = s.ctx, s.plan, s.win, s.n
+        velocity = self._combine(s)
+        ctx.kv.commit(plan)
+        names = tuple(b for b in BRANCHES if b in s.branches)
+        tokens = sum(w.k for w in s.branches.values()) * win.tpc
+        if plan.denoise_slots:
+            ctx.max_started = max(ctx.max_started, plan.denoise_slots[-1].chunk)
         if plan.is_prefix_extraction or n == 0:
-            return StepOutcome(x_in=win.x, velocity=None)
-        cw = ctx.chunk_width
-        x_new = euler_step(win.x[:, -n * cw :], velocity[:, -n * cw :], [s.t for s in den], [s.t_next for s in den])
-        for i, s in enumerate(den):
-            ctx.latents[s.chunk] = x_new[:, i * cw : (i + 1) * cw].clone()
+            return StepOutcome(x_in=win.x, velocity=None, windows=names, tokens=tokens)
+        cw, den = ctx.chunk_width, plan.denoise_slots
+        x_new = euler_step(win.x[:, -n * cw :], velocity[:, -n * cw :], [d.t for d in den], [d.t_next for d in den])
+        for i, d in enumerate(den):
+            ctx.latents[d.chunk] = x_new[:, i * cw : (i + 1) * cw].clone()
         emitted = {c: ctx.emitted_frames(c) for c in plan.emits}
         oldest = den[0].chunk
         for c in [c for c in ctx.latents if c < oldest]:
             del ctx.latents[c]
-        return StepOutcome(emitted=emitted, x_in=win.x, velocity=velocity)
+        return StepOutcome(emitted=emitted, x_in=win.x, velocity=velocity, windows=names, tokens=tokens)

@@ -1,4 +1,5 @@
-"""MAGI-1 DiT: model (:class:`MagiDiT`), range-attention backends, per-job KV cache, checkpoint I/O.
+"""MAGI-1 DiT: model (:class:`MagiDiT`, one window or many packed windows), range-attention
+backends, the KV pool and per-job KV cache, checkpoint I/O.
 
 ``stages.dit.weights`` holds ``load_dit`` / ``write_tiny_checkpoint``; ``stages.dit.manifest``
 the expected state_dict layouts and ``verify_checkpoint`` (CLI entry points ``main_verify`` /
@@ -7,6 +8,8 @@ the expected state_dict layouts and ``verify_checkpoint`` (CLI entry points ``ma
 """
 
 from stages.dit.kv_cache import ChunkKVCache
+from stages.dit.kv_pool import KVPool, PoolRegion
 from stages.dit.model import DiTInput, DiTOutput, MagiDiT
+from stages.dit.packed import DenseKV, PackedWindow
 
-__all__ = ["ChunkKVCache", "DiTInput", "DiTOutput", "MagiDiT"]
+__all__ = ["ChunkKVCache", "DenseKV", "DiTInput", "DiTOutput", "KVPool", "MagiDiT", "PackedWindow", "PoolRegion"]

@@ -1,4 +1,8 @@
-"""Per-job KV storage of clean chunks (the DiT's KV cache, reference ``InferenceParams``).
+"""Per-job KV storage of clean chunks as separate tensors (the first engine's KV cache).
+
+The engine now keeps K/V in a preallocated pool read in place (:mod:`stages.dit.kv_pool`,
+:mod:`cluster.engine.kv_layout`); this dict-of-chunks store remains for one-off callers
+(:meth:`ChunkKVCache.history` concatenates, i.e. copies, the chunks it returns).
 
 The reference keeps one buffer for the whole video; here every clean chunk's per-layer
 K/V is stored under its global chunk index and chunks below the scheduler's

@@ -8,6 +8,7 @@ Names of modules/parameters equal the reference so state_dict keys match.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,22 +27,28 @@ class LayerContext:
     """Per-forward tensors shared by every layer (built once by :class:`stages.dit.model.MagiDiT`).
 
     Attributes:
-        rope_sin, rope_cos: (S, R) float32 RoPE table rows for the window's tokens.
-        token_chunk: (S,) int64 window-chunk index of every token.
-        q_ranges: (K, 2) int64 token range of each chunk in the window.
-        kv_ranges: (K, 2) int64 key range of each chunk over keys = [history | window].
-        y_xattn: (Ny, D) valid caption tokens of all chunks after ``y_proj_xattn`` + SiLU.
-        y_ranges: (K, 2) int64 range of each chunk's caption tokens in ``y_xattn``.
+        rope_sin, rope_cos: (S, R) float32 RoPE table rows for the packed tokens.
+        token_chunk: (S,) int64 packed chunk index of every token.
+        conditions: per window, (K_w, hidden * cond_hidden_ratio) adaLN condition of its chunks.
+        self_attn: the backend's prepared self-attention rows over the key buffer.
+        cross_attn: the backend's prepared cross-attention rows (each chunk over its caption).
+        kv_index: (S,) int64 key-buffer position where every token's K/V are written.
+        kv: the key buffer (``layer(i) -> (k, v)``, :class:`stages.dit.packed.KVBuffers`).
+        y_xattn: per window, (K_w * L, D) caption tokens after ``y_proj_xattn`` + SiLU (padded).
+        y_valid: (sum K_w * L,) bool, the valid caption tokens among them.
         attention: the :class:`RangeAttention` backend.
     """
 
     rope_sin: torch.Tensor
     rope_cos: torch.Tensor
     token_chunk: torch.Tensor
-    q_ranges: torch.Tensor
-    kv_ranges: torch.Tensor
-    y_xattn: torch.Tensor
-    y_ranges: torch.Tensor
+    conditions: list[torch.Tensor]
+    self_attn: Any
+    cross_attn: Any
+    kv_index: torch.Tensor
+    kv: Any
+    y_xattn: list[torch.Tensor]
+    y_valid: torch.Tensor
     attention: RangeAttention
 
 
@@ -72,7 +79,8 @@ class CustomLayerNormLinear(nn.Module):
 
 
 class FullyParallelAttention(nn.Module):
-    """Self-attention (with KV history) and caption cross-attention computed side by side.
+    """Self-attention (over the packed key buffer: cached clean chunks + windows) and caption
+    cross-attention computed side by side.
 
     Reference ``FullyParallelAttention``. Quirks reproduced: per-head q/k LayerNorm (``+1``
     gain) in float32 before RoPE; cross-attention K/V come from one linear whose output is
@@ -107,20 +115,28 @@ class FullyParallelAttention(nn.Module):
         return k, v
 
     def cross(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        """Cross-attention of every chunk's tokens over its own caption tokens -> (S, Hq * Dh)."""
+        """Cross-attention of every chunk's tokens over its own caption tokens -> (S, Hq * Dh).
+
+        The caption K/V projection runs per window over the padded captions (row counts do not
+        depend on other windows or on caption lengths), then the valid tokens are kept."""
         q = self.q_layernorm_xattn(self.linear_qkv.qx(h).view(h.shape[0], -1, self.head_dim))
-        kv = self.linear_kv_xattn(ctx.y_xattn).view(ctx.y_xattn.shape[0], -1, 2 * self.head_dim)
+        kv = torch.cat([self.linear_kv_xattn(y) for y in ctx.y_xattn])[ctx.y_valid]
+        kv = kv.view(kv.shape[0], -1, 2 * self.head_dim)
         k = self.k_layernorm_xattn(kv[..., : self.head_dim])
         v = kv[..., self.head_dim :]
-        return ctx.attention(q, k, v, ctx.q_ranges, ctx.y_ranges).reshape(h.shape[0], -1)
+        return ctx.attention.attend(q, k, v, ctx.cross_attn).reshape(h.shape[0], -1)
 
-    def forward(self, hidden: torch.Tensor, ctx: LayerContext, history: KV | None) -> tuple[torch.Tensor, torch.Tensor, KV]:
-        """Returns (self-attention out (S, Hq*Dh), cross-attention out (S, Hq*Dh), window (k, v))."""
+    def forward(self, hidden: torch.Tensor, ctx: LayerContext, layer: int) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """Writes the window's K/V into the key buffer of layer ``layer`` at ``ctx.kv_index``,
+        then attends over the buffer in place. Returns (self-attention out (S, Hq*Dh),
+        cross-attention out (S, Hq*Dh), the window (k, v) (S, G, Dh) each)."""
         h = self.linear_qkv.layer_norm(hidden)
         k, v = self.self_kv(h, ctx)
         q = self._norm_rope(self.linear_qkv.q(h), self.q_layernorm, ctx)
-        keys, values = (k, v) if history is None else (torch.cat([history[0], k]), torch.cat([history[1], v]))
-        core = ctx.attention(q, keys, values, ctx.q_ranges, ctx.kv_ranges).reshape(h.shape[0], -1)
+        k_buf, v_buf = ctx.kv.layer(layer)
+        k_buf.index_copy_(0, ctx.kv_index, k.to(k_buf.dtype))
+        v_buf.index_copy_(0, ctx.kv_index, v.to(v_buf.dtype))
+        core = ctx.attention.attend(q, k_buf, v_buf, ctx.self_attn).reshape(h.shape[0], -1)
         return core, self.cross(h, ctx), (k, v)
 
 
@@ -176,25 +192,27 @@ class TransformerLayer(nn.Module):
         out = norm(x.float() * gate_tok) + residual.float()
         return out.to(dtype)
 
-    def forward(self, hidden: torch.Tensor, condition: torch.Tensor, ctx: LayerContext, history: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, hidden: torch.Tensor, ctx: LayerContext, layer: int) -> tuple[torch.Tensor, KV]:
         """Args:
-            hidden: (S, D); condition: (K, D * cond_hidden_ratio) per chunk; history: cached
-            (k, v) (Sh, G, Dh) of earlier clean chunks or None.
+            hidden: (S, D) packed tokens; ctx: the forward's :class:`LayerContext`;
+            layer: this layer's index (selects the key buffer).
         Returns:
-            (S, D) new hidden states and this layer's window (k, v), (S, G, Dh) each.
+            (S, D) new hidden states and this layer's window (k, v), (S, G, Dh) each (already
+            written into the key buffer).
         """
         dtype = self.mlp.layer_norm.weight.dtype
-        gates = self.ada_modulate_layer(condition)
+        gates = torch.cat([self.ada_modulate_layer(c) for c in ctx.conditions])  # per window: batch-independent
         gates = torch.tanh(gates.float()).to(gates.dtype)  # softcap(x, 1)
         gate_msa, gate_mlp = gates.float().chunk(2, dim=-1)
-        core, cross, kv = self.self_attention(hidden, ctx, history)
+        core, cross, kv = self.self_attention(hidden, ctx, layer)
         attn = _interleave_heads(torch.cat([core, cross], dim=-1))
+        del core, cross  # activation peak: free before the MLP
         proj = self.self_attention.linear_proj
         if isinstance(proj, QuantizedFp8Linear):  # reference: the fp8 linear_proj runs without the float32 autocast
             attn = proj(attn)
         else:
             attn = F.linear(attn.float(), proj.weight.float())  # reference: autocast float32 around linear_proj
         hidden = self._gated_add(attn, hidden, gate_msa[ctx.token_chunk], self.self_attn_post_norm, dtype)
+        del attn
         mlp = self.mlp(hidden)
-        hidden = self._gated_add(mlp, hidden, gate_mlp[ctx.token_chunk], self.mlp_post_norm, dtype)
-        return hidden, kv
+        return self._gated_add(mlp, hidden, gate_mlp[ctx.token_chunk], self.mlp_post_norm, dtype), kv

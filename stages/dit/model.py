@@ -9,7 +9,14 @@ to a *window* of K chunks packed along time without a batch dim:
   RoPE frame offset, so a window that continues a video gets absolute t-positions
   (reference ``slice_point``) and the unconditional CFG branch (every chunk alone,
   positions restarting at 0) is a window of 1-chunk segments;
-* the K/V of chosen chunks can be returned for every layer, for the engine's KV cache.
+* the K/V of chosen chunks can be returned for every layer.
+
+:meth:`MagiDiT.forward_packed` is the engine's form: many such windows (jobs x guidance
+branches, each possibly of its own size) packed as variable-length sequences into one call,
+every layer writing the windows' K/V into a packed key buffer (the engine's KV pool,
+:mod:`stages.dit.kv_pool`) and attending over it in place with per-chunk key ranges
+(:mod:`stages.dit.packed`, :mod:`stages.dit.attention`). ``forward`` is the one-window
+special case with a private buffer.
 
 No CFG, distillation schedule, env reads or distributed state live here; the engine
 (:mod:`cluster.engine.runner`) decides the inputs. Quirks of the reference reproduced on
@@ -34,8 +41,10 @@ import torch.nn as nn
 
 from stages.config import DiTConfig
 from stages.dit.attention import RangeAttention, default_backend
-from stages.dit.embed import CaptionEmbedder, FinalLinear, FusedLayerNorm, LearnableRotaryEmbeddingCat, TimestepEmbedder
+from stages.dit.embed import (CaptionEmbedder, FinalLinear, FusedLayerNorm, LearnableRotaryEmbeddingCat, TimestepEmbedder,
+                              apply_rotary)
 from stages.dit.layers import KV, LayerContext, TransformerLayer
+from stages.dit.packed import DenseKV, KVBuffers, PackedWindow, packed_layout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LATENT_CHANNELS = 16
@@ -190,6 +199,9 @@ class MagiDiT(nn.Module):
     def forward(self, inp: DiTInput) -> DiTOutput:
         """Run the DiT over one window (see :class:`DiTInput`); returns :class:`DiTOutput`.
 
+        One-off form of :meth:`forward_packed`: the keys live in a private buffer
+        ``[history | window]`` (the history is copied in; the engine uses the KV pool instead).
+
         Raises:
             ValueError: inconsistent shapes (chunk count vs T, segments, kv_range, history);
                 a key range outside [0, history + window tokens].
@@ -198,49 +210,94 @@ class MagiDiT(nn.Module):
         k_chunks = int(inp.t.shape[0])
         if inp.x.ndim != 4:
             raise ValueError(f"x must be (C, T, H, W), got {tuple(inp.x.shape)}")
-        t_frames = inp.x.shape[1]
-        if k_chunks == 0 or t_frames % k_chunks:
-            raise ValueError(f"x has {t_frames} frames, not a multiple of {k_chunks} chunks")
-        segments = tuple(inp.segments) if inp.segments is not None else ((k_chunks, 0),)
-        if sum(n for n, _ in segments) != k_chunks:
-            raise ValueError(f"segments {segments} do not cover {k_chunks} chunks")
-        x = self.embed_x(inp.x)
-        _, _, tp, hp, wp = x.shape
-        frames = tp // k_chunks
-        tpc = frames * hp * wp
-        hidden = x[0].flatten(1).transpose(0, 1).to(self.params_dtype).contiguous()  # (S, D), S = (T H W)
-        rope = self.rope_rows(segments, frames, hp, wp).to(hidden.device)
-        y_flat, y_ranges = self.caption_tokens(inp.y, inp.y_mask)
-        ctx = self._context(rope, k_chunks, tpc, inp, y_flat.to(self.params_dtype), y_ranges)
-        cond = self.condition(inp.t.float(), inp.caption_dropout, inp.distill_dt).to(self.params_dtype)
-        history = inp.history or [None] * cfg.num_layers
-        if len(history) != cfg.num_layers:
-            raise ValueError(f"history has {len(history)} layers, model has {cfg.num_layers}")
-        kv_out: dict[int, list[KV]] = {i: [] for i in inp.return_kv}
-        for layer, hist in zip(self.videodit_blocks.layers, history):
-            hidden, (k, v) = layer(hidden, cond, ctx, hist)
-            for i in inp.return_kv:
-                kv_out[i].append((k[i * tpc : (i + 1) * tpc].clone(), v[i * tpc : (i + 1) * tpc].clone()))
-        hidden = self.videodit_blocks.final_layernorm(hidden.float())
-        out = self.final_linear(hidden.float())
-        return DiTOutput(velocity=self._unpatchify(out, tp, hp, wp), kv=kv_out)
-
-    def _context(self, rope, k_chunks, tpc, inp: DiTInput, y_flat, y_ranges) -> LayerContext:
-        sin, cos = rope.tensor_split(2, dim=-1)
-        starts = torch.arange(k_chunks, dtype=torch.int64) * tpc
+        if k_chunks == 0 or inp.x.shape[1] % k_chunks:
+            raise ValueError(f"x has {inp.x.shape[1]} frames, not a multiple of {k_chunks} chunks")
+        tpc = self.tokens_per_chunk(inp.x.shape[1] // k_chunks, inp.x.shape[2], inp.x.shape[3])
+        hist = 0 if not inp.history else int(inp.history[0][0].shape[0])
         kv_range = inp.kv_range.to("cpu", torch.int64)
         if tuple(kv_range.shape) != (k_chunks, 2):
             raise ValueError(f"kv_range must be ({k_chunks}, 2), got {tuple(kv_range.shape)}")
-        return LayerContext(
-            rope_sin=sin,
-            rope_cos=cos,
-            token_chunk=torch.arange(k_chunks, device=rope.device).repeat_interleave(tpc),
-            q_ranges=torch.stack([starts, starts + tpc], dim=1),
-            kv_ranges=kv_range,
-            y_xattn=y_flat,
-            y_ranges=y_ranges,
-            attention=self.attention,
+        buf = DenseKV(cfg.num_layers, hist + k_chunks * tpc, cfg.num_query_groups, cfg.kv_channels,
+                      self.params_dtype, self.device, inp.history)
+        window = PackedWindow(
+            x=inp.x, t=inp.t, y=inp.y, y_mask=inp.y_mask, caption_dropout=inp.caption_dropout,
+            key_ranges=[[(int(a), int(b))] for a, b in kv_range.tolist()],
+            kv_dest=[hist + i * tpc for i in range(k_chunks)], segments=inp.segments, distill_dt=inp.distill_dt,
         )
+        velocity = self.forward_packed([window], buf, cross_per_chunk=False)[0]
+        kv_out = {
+            i: [(kb[hist + i * tpc : hist + (i + 1) * tpc].clone(), vb[hist + i * tpc : hist + (i + 1) * tpc].clone())
+                for kb, vb in (buf.layer(n) for n in range(cfg.num_layers))]
+            for i in inp.return_kv
+        }
+        return DiTOutput(velocity=velocity, kv=kv_out)
+
+    def tokens_per_chunk(self, frames: int, h: int, w: int) -> int:
+        """Tokens of one chunk of ``frames`` latent frames of size (h, w) latent pixels."""
+        p, pt = self.cfg.patch_size, self.cfg.t_patch_size
+        return (frames // pt) * (h // p) * (w // p)
+
+    def forward_packed(self, windows: list[PackedWindow], kv: KVBuffers, cross_per_chunk: bool = True) -> list[torch.Tensor]:
+        """One forward over several windows packed as variable-length sequences.
+
+        Args:
+            windows: see :class:`stages.dit.packed.PackedWindow` (each may have its own H, W).
+            kv: per-layer key buffer; every window chunk's K/V are written at its ``kv_dest``
+                before the layer attends, key ranges index this buffer.
+            cross_per_chunk: cross-attention computed chunk by chunk (default; a chunk's output
+                is then independent of other chunks' captions bit for bit) or per window.
+
+        Returns:
+            per window, the velocity (16 or out_channels, T, H, W) float32.
+
+        Raises:
+            ValueError: inconsistent window shapes, key ranges or destinations outside ``kv``.
+        """
+        if not windows:
+            return []
+        embedded, tpcs, shapes, ropes, conds, ys = [], [], [], [], [], []
+        for w in windows:
+            segments = w.check()
+            x = self.embed_x(w.x)
+            _, _, tp, hp, wp = x.shape
+            frames = tp // w.k
+            tpcs.append(frames * hp * wp)
+            shapes.append((tp, hp, wp))
+            embedded.append(x[0].flatten(1).transpose(0, 1))
+            ropes.append(self.rope_rows(segments, frames, hp, wp))
+            conds.append(self.condition(w.t.float(), w.caption_dropout, w.distill_dt).to(self.params_dtype))
+            ys.append(self.y_embedder.xattn(w.y.to(self.device, torch.float32)).flatten(0, 1).to(self.params_dtype))
+        lay = packed_layout(windows, tpcs, kv.num_tokens, cross_per_chunk)
+        hidden = torch.cat(embedded).to(self.params_dtype).contiguous()  # (S, D), S = windows x (T H W)
+        del embedded
+        sin, cos = torch.cat(ropes).to(hidden.device).tensor_split(2, dim=-1)
+        dev = self.device
+        ctx = LayerContext(
+            rope_sin=sin, rope_cos=cos, token_chunk=lay.token_chunk.to(dev), conditions=conds,
+            self_attn=self.attention.prepare(lay.self_spec, dev), cross_attn=self.attention.prepare(lay.cross_spec, dev),
+            kv_index=lay.kv_index.to(dev), kv=kv, y_xattn=ys, y_valid=lay.y_valid.to(dev), attention=self.attention,
+        )
+        for n, layer in enumerate(self.videodit_blocks.layers):
+            hidden, _ = layer(hidden, ctx, n)
+        hidden = self.videodit_blocks.final_layernorm(hidden.float())
+        out = self.final_linear(hidden.float())
+        velocities, start = [], 0
+        for (tp, hp, wp) in shapes:
+            n = tp * hp * wp
+            velocities.append(self._unpatchify(out[start : start + n], tp, hp, wp))
+            start += n
+        return velocities
+
+    def rope_time_shift(self, k: torch.Tensor, frames: int) -> torch.Tensor:
+        """Move post-RoPE keys ``frames`` latent frames earlier in time: rotates the time bands
+        of (S, G, Dh) keys by ``-frames * band`` (RoPE composes, R(p - d) = R(-d) R(p); the h/w
+        bands are untouched). Used to re-base cached keys (engine RoPE position policy).
+        Returns float32-computed keys in ``k``'s dtype."""
+        nb = self.rope.bands.shape[0]
+        ang = torch.zeros(3, nb, device=k.device)
+        ang[0] = -float(frames) / max(1, self.cfg.t_patch_size) * self.rope.bands.detach().float().to(k.device)
+        row = ang.reshape(1, -1)
+        return apply_rotary(k.float(), row.sin(), row.cos()).to(k.dtype)
 
     def _unpatchify(self, out: torch.Tensor, tp: int, hp: int, wp: int) -> torch.Tensor:
         """(S, pt*p*p*C) -> (C, T, H, W) (reference ``unpatchify``), then the

@@ -1,0 +1,137 @@
+"""Engine observability as plain Python objects (the deployment exports them, e.g. through
+``ray.serve.metrics``; the engine never imports ray).
+
+* :class:`Histogram`: cumulative Prometheus-style histogram (bucket upper bounds in seconds).
+* :class:`JobTimings`: per-job clock: submit, admission, first chunk, chunk intervals.
+  TTFC = first chunk time - submit time (queue wait included); TPOC = time between
+  consecutive chunks of a job (the first chunk excluded).
+* :class:`EngineStats`: snapshot returned by ``Engine.stats()``: active / queued jobs, KV pool
+  use, step time, TTFC / TPOC histograms, chunks produced, jobs finished by outcome, and one
+  :class:`JobStat` per queued or active job.
+Each ``LatentChunk.timings`` also carries ``dit_step_s`` and ``ttfc_s`` (first chunk) or
+``tpoc_s`` (later chunks), so a deployment can observe histograms event by event.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+DEFAULT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """``counts[i]`` = observations <= ``buckets[i]`` (cumulative); ``count`` includes +Inf."""
+
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int
+    sum: float
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count else None
+
+
+class Histogram:
+    """Cumulative histogram of seconds.
+
+    Args:
+        buckets: ascending upper bounds (seconds).
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS_S):
+        self.buckets = tuple(sorted(buckets))
+        self._per_bucket = [0] * len(self.buckets)
+        self.count, self.sum = 0, 0.0
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.buckets):
+            self._per_bucket[i] += 1
+        self.count += 1
+        self.sum += float(value)
+
+    def snapshot(self) -> HistogramSnapshot:
+        running, counts = 0, []
+        for n in self._per_bucket:
+            running += n
+            counts.append(running)
+        return HistogramSnapshot(self.buckets, tuple(counts), self.count, self.sum)
+
+
+@dataclass
+class JobTimings:
+    """Monotonic-clock timestamps of one job (``time.perf_counter`` seconds)."""
+
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_chunk: float | None = None
+    last_chunk: float | None = None
+    chunks: int = 0
+    steps: int = 0
+    tpoc_sum: float = 0.0
+
+    def chunk(self, now: float) -> dict[str, float]:
+        """Record a chunk emitted at ``now``; returns its ``ttfc_s`` or ``tpoc_s``."""
+        self.chunks += 1
+        if self.first_chunk is None:
+            self.first_chunk = self.last_chunk = now
+            return {"ttfc_s": now - self.submitted}
+        tpoc = now - self.last_chunk
+        self.last_chunk = now
+        self.tpoc_sum += tpoc
+        return {"tpoc_s": tpoc}
+
+    @property
+    def ttfc_s(self) -> float | None:
+        return None if self.first_chunk is None else self.first_chunk - self.submitted
+
+    @property
+    def tpoc_s(self) -> float | None:
+        """Mean time per output chunk after the first, None before the second chunk."""
+        return self.tpoc_sum / (self.chunks - 1) if self.chunks > 1 else None
+
+
+@dataclass(frozen=True)
+class JobStat:
+    """One queued or active job: ``state`` "queued" / "active"; ``queue_position`` 0-based or
+    None; ``steps`` engine steps run; ``chunks`` chunks emitted; ``ttfc_s`` / ``tpoc_s``
+    (None until known); ``kv_bytes`` its pool region (0 while queued)."""
+
+    job_id: str
+    state: str
+    queue_position: int | None
+    steps: int
+    chunks: int
+    ttfc_s: float | None
+    tpoc_s: float | None
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Snapshot of the engine (see module docstring). Bytes are KV-pool bytes."""
+
+    active_jobs: int
+    queued_jobs: int
+    max_active_jobs: int
+    queue_limit: int
+    kv_pool_bytes: int
+    kv_pool_used_bytes: int
+    kv_pool_blocks: int
+    kv_pool_free_blocks: int
+    steps: int
+    chunks_produced: int
+    jobs_finished: dict[str, int]
+    last_step_s: float | None
+    step_s: HistogramSnapshot
+    ttfc_s: HistogramSnapshot
+    tpoc_s: HistogramSnapshot
+    jobs: tuple[JobStat, ...]
+
+    @property
+    def kv_pool_utilization(self) -> float:
+        return self.kv_pool_used_bytes / self.kv_pool_bytes if self.kv_pool_bytes else 0.0
