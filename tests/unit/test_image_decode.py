@@ -134,7 +134,8 @@ def test_animated_gif_uses_first_frame():
     path = BAD / "animated_chelsea_10f.gif"
     with Image.open(path) as im:
         first = np.asarray(im.convert("RGB"))
-    np.testing.assert_array_equal(_native(path), first)
+    out = _native(path)
+    assert out.shape == first.shape and (out == first).all()
 
 
 @needs_inputs

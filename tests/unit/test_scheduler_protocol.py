@@ -118,4 +118,6 @@ def test_scheduler_package_never_imports_torch_or_numpy():
         "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad"
     )
     env_path = f"{REPO}:{REPO / 'proto'}"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": env_path})
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": env_path},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
