@@ -136,6 +136,20 @@ class MagiClient:
         call = self._stub.Generate(request, timeout=timeout, metadata=tuple(metadata) or None)
         return GenerateStream(call, time.perf_counter())
 
+    def update_prompt(self, job_id: str, start_chunk: int, text: str, *, timeout: float | None = 30.0
+                      ) -> pb.UpdatePromptResponse:
+        """Change a running job's prompt from generated chunk ``start_chunk`` on (UpdatePrompt).
+
+        ``start_chunk`` must not have started denoising yet (pick one a few chunks ahead of the
+        last chunk received). Chunks before it are unchanged.
+
+        Raises:
+            grpc.RpcError: NOT_FOUND (no such running job), INVALID_ARGUMENT (details start with
+                the field: "start_chunk: ...", "text: ...").
+        """
+        return self._stub.UpdatePrompt(
+            pb.UpdatePromptRequest(job_id=job_id, start_chunk=start_chunk, text=text), timeout=timeout)
+
     def health(self, service: str = "", timeout: float = 10.0) -> str:
         """grpc.health.v1 Check; returns the status name (e.g. "SERVING").
 

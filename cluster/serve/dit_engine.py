@@ -21,8 +21,9 @@ from ray import serve
 
 from cluster.config import ServiceConfig
 from cluster.engine import Engine, EngineBusy, JobAdmitted, JobFinished
-from cluster.messages import EngineJob, LatentChunk, Progress
+from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress
 from cluster.serve.compute import ComputeThread, prepare_replica
+from cluster.serve.metrics import EngineMetrics
 
 _HISTORY = 256  # finished jobs whose stats stay queryable
 _STEP_HISTORY = 64  # step intervals kept per job
@@ -41,6 +42,21 @@ class EngineFull(RuntimeError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """Event of :meth:`DiTEngineDeployment.run`: the job waits for admission to the engine.
+
+    Attributes:
+        job_id: the job.
+        position: jobs ahead of it in the admission queue (0 = admitted next). Sent when the
+            job is queued and whenever its position changes, until it starts (its first
+            ``Progress``).
+    """
+
+    job_id: str
+    position: int
 
 
 @dataclass
@@ -80,12 +96,15 @@ class DiTEngineDeployment:
         self._streams: dict[str, asyncio.Queue] = {}
         self._jobs: collections.OrderedDict[str, JobStats] = collections.OrderedDict()
         self._loop_task: asyncio.Task | None = None
+        self._metrics = EngineMetrics()
+        self._positions: dict[str, int] = {}  # last queue position sent per queued job
 
     async def run(self, job: EngineJob) -> AsyncIterator[Progress | LatentChunk]:
         """Run ``job`` in the engine, yielding its events as the steps produce them.
 
         Yields:
-            :class:`cluster.messages.Progress` per denoising step and
+            :class:`QueuePosition` first while the engine queues the job (and when its
+            position changes), then :class:`cluster.messages.Progress` per denoising step and
             :class:`cluster.messages.LatentChunk` (float32 (C, T, H, W) scaled latent)
             when a chunk becomes clean, in the engine's order.
         Raises:
@@ -99,13 +118,16 @@ class DiTEngineDeployment:
         events: asyncio.Queue = asyncio.Queue()
         self._streams[job_id] = events
         try:
-            handle = await self._compute.call(self._engine.submit, job)
+            handle, position = await self._compute.call(self._submit, job)
         except BaseException as exc:
             del self._streams[job_id]
             if isinstance(exc, EngineBusy):  # its keyword-only __init__ does not survive pickling
                 raise EngineFull(str(exc), exc.retry_after_s) from None
             raise
         stats = self._track(job_id, JobStats(state=handle.state, total_forwards=handle.total_forwards))
+        if position is not None:
+            self._positions[job_id] = position
+            events.put_nowait(QueuePosition(job_id, position))
         self._ensure_step_loop()
         try:
             while (event := await events.get()) is not None:
@@ -119,6 +141,28 @@ class DiTEngineDeployment:
             raise
         finally:
             self._streams.pop(job_id, None)
+            self._positions.pop(job_id, None)
+
+    def _submit(self, job: EngineJob):
+        """Compute thread: submit; returns (handle, queue position or None when admitted)."""
+        handle = self._engine.submit(job)
+        return handle, handle.queue_position
+
+    async def update_prompt(self, job_id: str, start_chunk: int, caption: CaptionEmbedding) -> None:
+        """Use ``caption`` (float32 (L, D) embedding, int64 (L,) mask) for the job's generated
+        chunks from ``start_chunk`` on (:meth:`cluster.engine.Engine.update_prompt`); chunks
+        before it are bitwise unchanged.
+
+        Only this replica's jobs can be updated: with several DiTEngine replicas, Serve may
+        route the call to a replica that does not run the job (then JobNotFound). With one
+        replica (the default) every job is here.
+
+        Raises:
+            cluster.engine.JobNotFound: no queued or running job ``job_id`` here.
+            stages.errors.InvalidInput: "start_chunk" already in flight or past the last
+                chunk; "caption" of the wrong shape.
+        """
+        await self._compute.call(self._engine.update_prompt, job_id, start_chunk, caption)
 
     def job_stats(self, job_id: str) -> dict | None:
         """Stats of a running or recently finished job (see :class:`JobStats`), or None."""
@@ -138,6 +182,11 @@ class DiTEngineDeployment:
         """The engine's counters (:class:`cluster.engine.EngineStats` as a dict)."""
         return asdict(self._engine.stats())
 
+    def metrics(self) -> dict:
+        """The values this replica last exported as Prometheus metrics
+        (:class:`cluster.serve.metrics.ExportedValues` as a dict; see :mod:`cluster.serve.metrics`)."""
+        return asdict(self._metrics.values)
+
     def _ensure_step_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._step_loop())
@@ -146,7 +195,9 @@ class DiTEngineDeployment:
         """Step the engine while it has work; route events to the jobs' streams."""
         try:
             while self._engine.has_work:
-                events, ran, start, end = await self._compute.call(self._step)
+                events, ran, start, end, stats = await self._compute.call(self._step)
+                self._send_positions(stats)
+                self._metrics.after_step(stats, stats.last_step_s if ran else None, events)
                 for job_id in ran:
                     self._count_step(job_id, start, end)
                 for event in events:
@@ -156,17 +207,30 @@ class DiTEngineDeployment:
                 self._finish(job_id, "failed")
             raise exc
 
-    def _step(self) -> tuple[list, tuple[str, ...], float, float]:
-        """One engine step (compute thread): (events, ids of the jobs in the forward, start, end)."""
+    def _step(self) -> tuple[list, tuple[str, ...], float, float, object]:
+        """One engine step (compute thread): (events, ids of the jobs in the forward, start, end,
+        ``Engine.stats()`` after the step)."""
         before = self._engine.last_step
         start = time.time()
         events = self._engine.step()
         after = self._engine.last_step
         ran = after.job_ids if after is not None and after is not before else ()
-        return events, ran, start, time.time()
+        return events, ran, start, time.time(), self._engine.stats()
+
+    def _send_positions(self, stats) -> None:
+        """Tell each queued job's stream its queue position when it changed."""
+        for job in stats.jobs:
+            if job.queue_position is None or job.job_id not in self._positions:
+                continue
+            if self._positions[job.job_id] != job.queue_position:
+                self._positions[job.job_id] = job.queue_position
+                stream = self._streams.get(job.job_id)
+                if stream is not None:
+                    stream.put_nowait(QueuePosition(job.job_id, job.queue_position))
 
     def _route(self, event) -> None:
         if isinstance(event, JobAdmitted):
+            self._positions.pop(event.job_id, None)
             if event.job_id in self._jobs:
                 self._jobs[event.job_id].state = "active"
         elif isinstance(event, JobFinished):

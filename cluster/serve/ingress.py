@@ -2,11 +2,12 @@
 
 Method names are the gRPC method names (Serve routes ``/pkg.Service/Method`` to
 the ingress method ``Method``): ``Generate`` (magi.v1) and ``Check``
+and ``UpdatePrompt`` (magi.v1), ``Check``
 (grpc.health.v1; ``Watch`` is not served). Reflection runs in the proxy itself
 (Serve's ``enable_reflection``). The stream of a job (DESIGN.md section 2)::
 
     Accepted -> TextEncoder.encode (+ VaeDecoder.encode_image / encode_video)
-             -> DiTEngine.run ~~> Progress ..., LatentChunk k ...
+             -> DiTEngine.run ~~> [Queued position ...] Progress ..., LatentChunk k ...
                  each LatentChunk k: VaeDecoder.decode(k) starts at once (a task),
                  while the DiT stream keeps being consumed (decode k || DiT on k+1)
              -> per chunk, in order: mux (fMP4 segment or raw RGB) -> Chunk parts
@@ -32,10 +33,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ServiceConfig
+from cluster.engine import JobNotFound
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress
 from cluster.serve import stream
-from cluster.serve.dit_engine import EngineFull
-from cluster.serve.validate import validate_request
+from cluster.serve.dit_engine import EngineFull, QueuePosition
+from cluster.serve.validate import validate_request, validate_update
 from magi.v1 import generate_pb2 as pb
 from stages.errors import InvalidInput
 
@@ -56,6 +58,7 @@ class GrpcIngress:
         self._cfg = cfg
         self._model = cfg.load_model()
         self._text = text_encoder
+        self._dit_unary = dit
         self._dit = dit.options(stream=True)
         self._vae = vae
 
@@ -83,6 +86,27 @@ class GrpcIngress:
             raise
         except Exception as exc:  # noqa: BLE001  (mapped to a status, never lost)
             _fail(grpc_context, spec.job_id, getattr(exc, "cause", None) or exc)  # unwrap RayTaskError
+
+    async def UpdatePrompt(self, request: pb.UpdatePromptRequest, grpc_context) -> pb.UpdatePromptResponse:
+        """magi.v1 ``UpdatePrompt``: TextEncoder.encode(text) -> DiTEngine.update_prompt.
+
+        Status: INVALID_ARGUMENT naming the field (``job_id``, ``start_chunk``, ``text``),
+        NOT_FOUND (no queued or running job with that id), INTERNAL otherwise. With several
+        DiTEngine replicas the update may reach a replica that does not run the job
+        (NOT_FOUND); one replica (the default) always holds every job.
+        """
+        try:
+            job_id, start_chunk, text = validate_update(request, self._cfg.limits)
+            (caption,) = await self._text.encode.remote([text])
+            await self._dit_unary.update_prompt.remote(job_id, start_chunk, caption)
+        except _Abort:
+            raise
+        except Exception as exc:  # noqa: BLE001  (mapped to a status)
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, JobNotFound):
+                _abort(grpc_context, grpc.StatusCode.NOT_FOUND, str(cause))
+            _fail(grpc_context, request.job_id, cause)
+        return pb.UpdatePromptResponse(job_id=job_id, start_chunk=start_chunk)
 
     async def _engine_job(self, spec: JobSpec) -> EngineJob:
         """Caption embeddings (+ the conditioning latent) of a job, fetched concurrently."""
@@ -137,6 +161,8 @@ class GrpcIngress:
             async for event in dit_stream:
                 if isinstance(event, Progress):
                     queue.put_nowait(stream.progress(event))
+                elif isinstance(event, QueuePosition):
+                    queue.put_nowait(pb.GenerateResponse(queued=pb.Queued(position=event.position)))
                 elif isinstance(event, LatentChunk):
                     await slots.acquire()
                     decode = asyncio.ensure_future(self._decode(event.latent, event.job_id))

@@ -61,6 +61,22 @@ def validate_request(
     return spec
 
 
+def validate_update(req: pb.UpdatePromptRequest, limits: RequestLimits) -> tuple[str, int, str]:
+    """Check an ``UpdatePrompt`` request; returns (job_id, start_chunk, trimmed text).
+
+    Only what needs no job is checked here; the engine checks ``start_chunk`` against the
+    job (already in flight, past the end).
+
+    Raises:
+        InvalidInput: ``job_id`` empty, ``start_chunk`` < 0, or an unusable ``text``.
+    """
+    if not req.job_id:
+        raise InvalidInput("job_id", "empty")
+    if req.start_chunk < 0:
+        raise InvalidInput("start_chunk", f"must be >= 0, got {req.start_chunk}")
+    return req.job_id, req.start_chunk, _prompt_text(req.text, "text", limits)
+
+
 def _num_chunks(value: int, limits: RequestLimits) -> int:
     if not 1 <= value <= limits.max_chunks:
         raise InvalidInput("num_chunks", f"must be between 1 and {limits.max_chunks}, got {value}")

@@ -31,7 +31,7 @@ def test_oneofs():
     req.prefix_video = b"y"
     assert req.WhichOneof("condition") == "prefix_video" and not req.image
     events = pb.GenerateResponse.DESCRIPTOR.oneofs_by_name["event"]
-    assert [f.name for f in events.fields] == ["accepted", "progress", "chunk", "done"]
+    assert [f.name for f in events.fields] == ["accepted", "progress", "chunk", "done", "queued"]
 
 
 def test_every_field_and_enum_value_is_documented(tmp_path):
@@ -55,3 +55,10 @@ def test_every_field_and_enum_value_is_documented(tmp_path):
             if not comments.get((5, e, 2, v), "").strip():
                 missing.append(value.name)
     assert not missing, f"undocumented: {missing}"
+
+
+def test_update_prompt_is_unary():
+    method = pb.DESCRIPTOR.services_by_name["VideoGeneration"].methods_by_name["UpdatePrompt"]
+    assert method.input_type.full_name == "magi.v1.UpdatePromptRequest"
+    assert method.output_type.full_name == "magi.v1.UpdatePromptResponse"
+    assert not method.server_streaming and not method.client_streaming

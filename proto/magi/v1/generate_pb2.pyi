@@ -68,6 +68,12 @@ class JobAccepted(_message.Message):
     output_format: OutputFormat
     def __init__(self, job_id: _Optional[str] = ..., num_chunks: _Optional[int] = ..., num_frames: _Optional[int] = ..., frames_per_chunk: _Optional[int] = ..., fps: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_steps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ...) -> None: ...
 
+class Queued(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
+
 class Progress(_message.Message):
     __slots__ = ("chunk", "step", "num_steps")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -108,14 +114,34 @@ class Done(_message.Message):
     num_chunks: int
     def __init__(self, ttfc_s: _Optional[float] = ..., tpoc_s: _Optional[float] = ..., total_s: _Optional[float] = ..., total_frames: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
+class UpdatePromptRequest(_message.Message):
+    __slots__ = ("job_id", "start_chunk", "text")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    START_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    start_chunk: int
+    text: str
+    def __init__(self, job_id: _Optional[str] = ..., start_chunk: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class UpdatePromptResponse(_message.Message):
+    __slots__ = ("job_id", "start_chunk")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    START_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    start_chunk: int
+    def __init__(self, job_id: _Optional[str] = ..., start_chunk: _Optional[int] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("accepted", "progress", "chunk", "done")
+    __slots__ = ("accepted", "progress", "chunk", "done", "queued")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     progress: Progress
     chunk: Chunk
     done: Done
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+    queued: Queued
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ...) -> None: ...

@@ -42,6 +42,11 @@ class VideoGenerationStub:
                 request_serializer=magi_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=magi_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.UpdatePrompt = channel.unary_unary(
+                '/magi.v1.VideoGeneration/UpdatePrompt',
+                request_serializer=magi_dot_v1_dot_generate__pb2.UpdatePromptRequest.SerializeToString,
+                response_deserializer=magi_dot_v1_dot_generate__pb2.UpdatePromptResponse.FromString,
+                _registered_method=True)
 
 
 class VideoGenerationServicer:
@@ -53,6 +58,26 @@ class VideoGenerationServicer:
     def Generate(self, request, context):
         """Runs one generation job and streams its events: exactly one JobAccepted, then
         Progress and Chunk messages (chunks strictly in index order), then one Done.
+        When the engine is busy the job waits in a bounded queue: Queued messages
+        (right after JobAccepted, and whenever the position changes) report its place
+        until it starts (its first Progress); past the queue's bound the call ends with
+        RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePrompt(self, request, context):
+        """Changes the prompt of a running (or queued) job from a future chunk on: the
+        new text applies from generated chunk `start_chunk` until the end of the video
+        (it replaces any segment that starts at or after start_chunk). Chunks before
+        start_chunk are unaffected (bitwise). Errors: NOT_FOUND (no queued or running
+        job with that id: unknown, finished or cancelled); INVALID_ARGUMENT naming the
+        field ("start_chunk: ..." when that chunk has already started denoising or is
+        past the job's last chunk; "text: ..." for an unusable prompt). Limitation: the
+        service routes the update to a DiT engine replica; with several replicas
+        (deployments.dit_engine.num_replicas > 1) it may reach one that does not run the
+        job and answer NOT_FOUND. The default is one replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,6 +90,11 @@ def add_VideoGenerationServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=magi_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
                     response_serializer=magi_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+            ),
+            'UpdatePrompt': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePrompt,
+                    request_deserializer=magi_dot_v1_dot_generate__pb2.UpdatePromptRequest.FromString,
+                    response_serializer=magi_dot_v1_dot_generate__pb2.UpdatePromptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -97,6 +127,33 @@ class VideoGeneration:
             '/magi.v1.VideoGeneration/Generate',
             magi_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
             magi_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePrompt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/magi.v1.VideoGeneration/UpdatePrompt',
+            magi_dot_v1_dot_generate__pb2.UpdatePromptRequest.SerializeToString,
+            magi_dot_v1_dot_generate__pb2.UpdatePromptResponse.FromString,
             options,
             channel_credentials,
             insecure,
