@@ -75,7 +75,7 @@ class CaptionBook:
             prepended when enabled); null_mask: (L,) first 50 tokens valid.
         chunk_offset: global index of the first generated chunk.
         tokens: optional special-token table (``stages.text_encoder.special_tokens.SpecialTokenTable``);
-            flags: its ``SpecialTokenFlags``; num_chunks: generated chunks of the job (None = endless),
+            flags: its ``SpecialTokensConfig``; num_chunks: generated chunks of the job (None = endless),
             for the duration token.
     """
 
@@ -119,7 +119,9 @@ class CaptionBook:
         i, y, mask = current
         if self.tokens is None:
             return y, mask
-        keys = tuple(self.flags.keys(rel, self.num_chunks))
+        from stages.text_encoder.special_tokens import special_token_keys  # noqa: PLC0415
+
+        keys = tuple(special_token_keys(self.flags, rel, self.num_chunks))
         if (i, keys) not in self._cache:
             self._cache[(i, keys)] = self.tokens.prepend(y, mask, list(keys))
         return self._cache[(i, keys)]

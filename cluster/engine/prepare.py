@@ -196,11 +196,10 @@ class JobPreparer:
         return book
 
     def _token_flags(self):
-        """``SpecialTokenFlags`` of the conditional captions, or None when none is prepended."""
-        st = self.model_cfg.special_tokens
-        names = ("static", "dynamic", "borderness", "hq", "three_d_model", "two_d_anime", "duration")
-        if self.special_tokens is None or not any(getattr(st, n) for n in names):
-            return None
-        from stages.text_encoder.special_tokens import SpecialTokenFlags  # noqa: PLC0415
+        """The model's special-token settings, or None when no conditional caption gets a token."""
+        from stages.text_encoder.special_tokens import prepends_to_captions  # noqa: PLC0415
 
-        return SpecialTokenFlags(**{n: getattr(st, n) for n in names})
+        st = self.model_cfg.special_tokens
+        if self.special_tokens is None or not prepends_to_captions(st):
+            return None
+        return st

@@ -27,7 +27,7 @@ from the reference beyond the horizon: float32 rounding of the rotated ring keys
 1e-7 relative) and of the table's ``T_total`` rescale quirk. The unconditional branch's
 positions restart at 0 for every chunk as in the reference. ``None`` = absolute positions.
 The duration special token of an open-ended stream counts as 8 or more chunks remaining
-(:meth:`stages.text_encoder.special_tokens.SpecialTokenFlags.keys`).
+(:func:`stages.text_encoder.special_tokens.special_token_keys`).
 """
 
 from __future__ import annotations

@@ -19,11 +19,12 @@ get special tokens, never the null caption.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from stages.config import SpecialTokensConfig
 
 _OTHER_ROWS = {
     "TRANS_TOKEN": 0, "HQ_TOKEN": 1, "STATIC_FIRST_FRAMES_TOKEN": 2, "DYNAMIC_FIRST_FRAMES_TOKEN": 3,
@@ -33,35 +34,32 @@ _OTHER_ROWS = {
 MAX_DURATION_TOKEN = 8
 
 
-@dataclass(frozen=True)
-class SpecialTokenFlags:
-    """Which special tokens to prepend (reference env flags ``PAD_*``)."""
+def special_token_keys(flags: SpecialTokensConfig, chunk_index: int, num_chunks: int | None) -> list[str]:
+    """Token keys for chunk ``chunk_index`` of ``num_chunks``, in prepend order.
 
-    static: bool = False
-    dynamic: bool = False
-    borderness: bool = False
-    hq: bool = False
-    three_d_model: bool = False
-    two_d_anime: bool = False
-    duration: bool = False
+    ``flags`` is the model's :class:`stages.config.SpecialTokensConfig` (reference env
+    flags ``PAD_*``). Reference ``get_special_token_keys`` + the per-chunk
+    ``DURATION_TOKEN`` choice of ``pad_special_token``: ``DURATION_{min(n - c - 1, 7) + 1}``.
+    ``num_chunks=None`` (an open-ended stream) counts as 8 or more remaining.
 
-    def keys(self, chunk_index: int, num_chunks: int | None) -> list[str]:
-        """Token keys for chunk ``chunk_index`` of ``num_chunks``, in prepend order.
+    Raises:
+        ValueError: ``chunk_index`` is not below ``num_chunks`` (with duration tokens on).
+    """
+    keys = [key for key, on in (
+        ("STATIC_FIRST_FRAMES_TOKEN", flags.static), ("DYNAMIC_FIRST_FRAMES_TOKEN", flags.dynamic),
+        ("BORDERNESS_TOKEN", flags.borderness), ("HQ_TOKEN", flags.hq),
+        ("THREE_D_MODEL_TOKEN", flags.three_d_model), ("TWO_D_ANIME_TOKEN", flags.two_d_anime)) if on]
+    if flags.duration:
+        remaining = MAX_DURATION_TOKEN - 1 if num_chunks is None else min(num_chunks - chunk_index - 1, 7)
+        if remaining < 0:
+            raise ValueError(f"chunk_index {chunk_index} outside num_chunks {num_chunks}")
+        keys.append(f"DURATION_TOKEN_{remaining + 1}")
+    return keys
 
-        Reference ``get_special_token_keys`` + the per-chunk ``DURATION_TOKEN``
-        choice of ``pad_special_token``: ``DURATION_{min(n - c - 1, 7) + 1}``.
-        ``num_chunks=None`` (an open-ended stream) counts as 8 or more remaining.
-        """
-        keys = [key for key, on in (
-            ("STATIC_FIRST_FRAMES_TOKEN", self.static), ("DYNAMIC_FIRST_FRAMES_TOKEN", self.dynamic),
-            ("BORDERNESS_TOKEN", self.borderness), ("HQ_TOKEN", self.hq),
-            ("THREE_D_MODEL_TOKEN", self.three_d_model), ("TWO_D_ANIME_TOKEN", self.two_d_anime)) if on]
-        if self.duration:
-            remaining = MAX_DURATION_TOKEN - 1 if num_chunks is None else min(num_chunks - chunk_index - 1, 7)
-            if remaining < 0:
-                raise ValueError(f"chunk_index {chunk_index} outside num_chunks {num_chunks}")
-            keys.append(f"DURATION_TOKEN_{remaining + 1}")
-        return keys
+
+def prepends_to_captions(flags: SpecialTokensConfig) -> bool:
+    """True when conditional captions get at least one token (``negative_prompt`` aside)."""
+    return bool(special_token_keys(flags, 0, None))
 
 
 class SpecialTokenTable:
@@ -100,7 +98,7 @@ class SpecialTokenTable:
         Args:
             embedding: (L, D) caption embedding, any float dtype.
             mask: (L,) caption mask.
-            keys: token keys (see :meth:`SpecialTokenFlags.keys`).
+            keys: token keys (see :func:`special_token_keys`).
 
         Returns:
             ``(embedding (L, D), mask (L,))`` in the input dtypes; each token has mask 1.
