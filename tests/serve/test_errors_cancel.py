@@ -59,7 +59,8 @@ def wait_for(predicate, timeout_s=60.0):
 
 
 def test_cancel_stops_the_engine_work(client, dit_engine):
-    stream = client.generate(make_request("an endless train journey", num_chunks=32, num_steps=4))
+    # A long job (140 forwards) so the cancel reaches the engine well before it could finish.
+    stream = client.generate(make_request("an endless train journey", num_chunks=32, num_steps=16))
     with pytest.raises(grpc.RpcError) as info:
         for msg in stream:
             if msg.HasField("chunk"):  # the first chunk arrived while the job runs: cancel
@@ -71,7 +72,7 @@ def test_cancel_stops_the_engine_work(client, dit_engine):
     assert stats is not None, "the engine did not stop the cancelled job"
     print("CANCEL STATS", stats)
     assert stats["state"] == "cancelled"
-    assert stats["steps"] < stats["total_forwards"] == 35  # 1 step per chunk * (32 + 4 - 1)
+    assert stats["steps"] < stats["total_forwards"] == 140  # 4 steps per stage * (32 + 4 - 1)
     assert job_id not in dit_engine.active_jobs.remote().result()
 
 
