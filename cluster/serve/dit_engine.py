@@ -174,6 +174,18 @@ class DiTEngineDeployment:
         stats = self._jobs.get(job_id)
         return [] if stats is None else list(stats.step_intervals)
 
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel ``job_id`` now (idempotent): it leaves the next engine step and its KV
+        storage returns to the pool. The ingress calls this when a client stream ends early,
+        besides cancelling the DiT stream, so cancellation never depends on how quickly
+        Serve propagates a stream cancel. Returns whether the job was still running."""
+        stats = self._jobs.get(job_id)
+        if stats is None or not stats.running:
+            return False
+        await self._compute.call(self._engine.cancel, job_id)
+        self._finish(job_id, "cancelled")
+        return True
+
     def active_jobs(self) -> list[str]:
         """Ids of the jobs queued or running in this replica's engine."""
         return [job_id for job_id, s in self._jobs.items() if s.running]

@@ -152,6 +152,7 @@ class GrpcIngress:
         finally:
             if not finished:  # cancelled or failed: stop the engine's work on this job
                 dit_stream.cancel()
+                self._dit_unary.cancel.remote(spec.job_id)  # explicit, not only via the stream
             pump.cancel()
             _cancel_decodes(decode, queue)
 
