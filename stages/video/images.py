@@ -59,6 +59,20 @@ def _declared_png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def check_payload(data: bytes, *, field: str, max_bytes: int) -> bytes:
+    """Return ``data`` as bytes after checking it is neither empty nor over ``max_bytes``.
+
+    Raises:
+        InvalidInput: empty, or larger than ``max_bytes`` (message names ``field``).
+    """
+    data = bytes(data)
+    if not data:
+        raise InvalidInput(field, "is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise InvalidInput(field, f"is {len(data)} bytes, above the limit of {max_bytes}")
+    return data
+
+
 def check_dimensions(width: int, height: int, *, field: str, max_pixels: int = MAX_IMAGE_PIXELS,
                      max_side: int = MAX_IMAGE_SIDE) -> None:
     """Reject declared frame dimensions before any pixel is decoded.
@@ -157,11 +171,7 @@ def decode_image(data: bytes, *, height: int, width: int, field: str = "image",
         raise ValueError(f"height and width must be >= 1, got {height}x{width}")
     if aspect_policy not in ("crop", "pad", "fit"):
         raise ValueError(f"unknown aspect_policy {aspect_policy!r}; use 'crop', 'pad' or 'fit'")
-    data = bytes(data)
-    if not data:
-        raise InvalidInput(field, "is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise InvalidInput(field, f"is {len(data)} bytes, above the limit of {max_bytes}")
+    data = check_payload(data, field=field, max_bytes=max_bytes)
     with _open(data, field) as im:
         check_dimensions(*im.size, field=field, max_pixels=max_pixels)
         try:

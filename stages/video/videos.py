@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from stages.errors import InvalidInput
-from stages.video.images import AspectPolicy, check_dimensions, fit_image
+from stages.video.images import AspectPolicy, check_dimensions, check_payload, fit_image
 
 #: FFmpeg demuxers accepted (mp4/mov, mkv/webm, avi, animated gif).
 ALLOWED_DEMUXERS = ("mov", "mp4", "matroska", "webm", "avi", "gif")
@@ -189,11 +189,7 @@ def decode_video(data: bytes, *, height: int, width: int, max_frames: int, field
     """
     if height < 1 or width < 1 or max_frames < 1 or keep not in ("first", "last"):
         raise ValueError(f"bad arguments: height={height} width={width} max_frames={max_frames} keep={keep!r}")
-    data = bytes(data)
-    if not data:
-        raise InvalidInput(field, "is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise InvalidInput(field, f"is {len(data)} bytes, above the limit of {max_bytes}")
+    data = check_payload(data, field=field, max_bytes=max_bytes)
     with _open(data, field) as container:
         if not container.streams.video:
             raise InvalidInput(field, "has no video stream")
