@@ -48,6 +48,7 @@ class DeploymentSettings(_Strict):
     """Ray Serve settings of one deployment (``ray_actor_options.num_cpus`` etc.)."""
 
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica (fractional is fine)")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (per rank with parallelism)")
     num_replicas: int = Field(1, gt=0)
     max_ongoing_requests: int = Field(16, gt=0, description="concurrent requests per replica")
     graceful_shutdown_timeout_s: float = Field(
@@ -102,6 +103,28 @@ class EngineSettings(_Strict):
     queue_limit: int = Field(16, ge=0, description="jobs waiting for admission at most")
 
 
+class ParallelSettings(_Strict):
+    """How one DiTEngine replica spreads the DiT over devices (DESIGN.md section 2).
+
+    ``cp_size * pp_size`` ranks per replica: ``pp_size`` stages of consecutive layers, each
+    split over ``cp_size`` ranks by tokens (Ulysses context parallelism, K/V sharded by KV
+    head group). The replica is rank 0; the other ranks are Ray actors in the replica's
+    placement group (one bundle per rank, STRICT_PACK).
+    """
+
+    cp_size: int = Field(1, gt=0, description="context-parallel ranks per pipeline stage")
+    pp_size: int = Field(1, gt=0, description="pipeline stages of consecutive DiT layers")
+    backend: str = Field("auto", pattern="^(auto|gloo|nccl)$",
+                         description="torch.distributed backend; auto = nccl with CUDA, else gloo")
+    micro_batches: int | None = Field(None, gt=0, description="pipeline micro-batches per forward; "
+                                      "None = 2 * pp_size (chunk-aligned)")
+    init_timeout_s: float = Field(120.0, gt=0, description="seconds the ranks wait for each other at start-up")
+
+    @property
+    def world_size(self) -> int:
+        return self.cp_size * self.pp_size
+
+
 class ServiceConfig(_Strict):
     """Everything the service needs besides the model weights.
 
@@ -112,6 +135,7 @@ class ServiceConfig(_Strict):
         limits: request bounds.
         deployments: Ray Serve settings per deployment.
         engine: DiT engine admission limits.
+        parallel: context / pipeline parallelism of each DiTEngine replica.
         grpc_port: port of Serve's gRPC proxy (``grpc_options.port`` in ray_serve.yaml).
         max_message_bytes: largest ``Chunk.data`` per response message; bigger
             payloads are split into parts (keeps messages under gRPC's 4 MB default).
@@ -124,6 +148,7 @@ class ServiceConfig(_Strict):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     deployments: Deployments = Field(default_factory=Deployments)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
     grpc_port: int = Field(9000, gt=0, lt=65536)
     max_message_bytes: int = Field(3 * MiB, ge=64 * 1024, le=4 * MiB - 64 * 1024)
     max_pending_decodes: int = Field(4, gt=0)
