@@ -49,6 +49,7 @@ from cluster.engine.errors import EngineBusy, JobNotFound
 from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo
 from cluster.engine.kv_layout import JobKV
 from cluster.engine.prepare import JobPreparer, JobState
+from cluster.engine.ranks import RankGroup, ShardedForward, ShardedKVPool
 from cluster.engine.runner import BatchRunner, StepOutcome
 from cluster.engine.single import JobRun, job_events
 from cluster.engine.stats import EngineStats, Histogram, JobStat
@@ -64,7 +65,7 @@ DEFAULT_ROPE_HORIZON_CHUNKS = 32
 
 
 class Engine:
-    """Runs jobs on one DiT (single device; context parallelism comes later).
+    """Runs jobs on one DiT: on this process's device, or spread over a parallel mesh (``ranks``).
 
     Args:
         model_cfg: the served model's configuration (sampling settings, geometry, special tokens).
@@ -83,6 +84,8 @@ class Engine:
         kv_keep_all: keep every chunk's K/V (reference behaviour; memory grows with length).
         max_forward_tokens: split a step into forwards of at most this many query tokens
             (bounds activation memory; :mod:`cluster.engine.runner`); None = one forward.
+        ranks: run the DiT over a parallel mesh (:mod:`cluster.engine.ranks`); ``dit`` must
+            then be ``ranks.local.dit`` (rank 0's shard). None = this process alone.
 
     Raises:
         ValueError: special tokens enabled but no table given or of the wrong width; a bad limit.
@@ -91,7 +94,7 @@ class Engine:
     def __init__(self, model_cfg: ModelConfig, dit: MagiDiT, device: str = "cpu", special_tokens: Any = None, *,
                  max_active_jobs: int = 4, queue_limit: int = 16, kv_pool_blocks: int | None = None,
                  batch_cfg: bool = True, rope_horizon_chunks: int | None = DEFAULT_ROPE_HORIZON_CHUNKS,
-                 kv_keep_all: bool = False, max_forward_tokens: int | None = None):
+                 kv_keep_all: bool = False, max_forward_tokens: int | None = None, ranks: RankGroup | None = None):
         self.model_cfg = model_cfg
         st = model_cfg.special_tokens
         if st.enabled and special_tokens is None:
@@ -111,11 +114,16 @@ class Engine:
         block = self.dit.tokens_per_chunk(sp.chunk_width, model_cfg.height // f, model_cfg.width // f)
         self.preparer = JobPreparer(model_cfg, self.dit, self.device, self.special_tokens, kv_keep_all, block)
         blocks = kv_pool_blocks or max_active_jobs * self.preparer.default_blocks()
-        self.pool = KVPool(num_layers=cfg.num_layers, num_blocks=blocks, block_tokens=block,
-                           num_groups=cfg.num_query_groups, head_dim=cfg.kv_channels,
-                           dtype=self.dit.params_dtype, device=self.device)
+        self.ranks = ranks
+        if ranks is None:
+            self.pool = KVPool(num_layers=cfg.num_layers, num_blocks=blocks, block_tokens=block,
+                               num_groups=cfg.num_query_groups, head_dim=cfg.kv_channels,
+                               dtype=self.dit.params_dtype, device=self.device)
+        else:
+            self.pool = ShardedKVPool(ranks, num_blocks=blocks, block_tokens=block)
         self.runner = BatchRunner(self.dit, sp, self.pool, batch_cfg=batch_cfg, rope_horizon_chunks=rope_horizon_chunks,
-                                  max_forward_tokens=max_forward_tokens)
+                                  max_forward_tokens=max_forward_tokens,
+                                  forward=None if ranks is None else ShardedForward(ranks))
         self._admission = Admission(max_active_jobs, queue_limit, self._allocate_kv, self._retry_hint)
         self._pending: list = []  # lifecycle events produced between steps (cancel, admission at submit)
         self._steps, self._chunks = 0, 0
@@ -128,7 +136,8 @@ class Engine:
                         dtype: torch.dtype = torch.float32, **engine_kwargs) -> "Engine":
         """Load the DiT (:func:`stages.dit.weights.load_dit`, distill variant from the sampling
         settings) and its special-token table (:func:`stages.dit.token_table.load_special_tokens`)
-        from ``dit_dir`` and build the engine (``engine_kwargs``: see :class:`Engine`).
+        from ``dit_dir`` and build the engine (``engine_kwargs``: see :class:`Engine`). With
+        ``ranks`` the DiT is rank 0's shard, already loaded by :class:`cluster.engine.ranks.RankWorker`.
 
         Raises:
             FileNotFoundError, stages.dit.weights.CheckpointMismatch: see the loaders.
@@ -136,7 +145,12 @@ class Engine:
         from stages.dit.token_table import load_special_tokens  # noqa: PLC0415
         from stages.dit.weights import load_dit  # noqa: PLC0415
 
-        dit = load_dit(Path(dit_dir), model_cfg.dit, device=device, dtype=dtype, distill=model_cfg.sampling.distill)
+        ranks = engine_kwargs.get("ranks")
+        if ranks is not None:
+            dit = ranks.local.dit
+            device = str(dit.device)
+        else:
+            dit = load_dit(Path(dit_dir), model_cfg.dit, device=device, dtype=dtype, distill=model_cfg.sampling.distill)
         return cls(model_cfg, dit, device=device, special_tokens=load_special_tokens(model_cfg, Path(dit_dir)),
                    **engine_kwargs)
 
@@ -342,6 +356,12 @@ class Engine:
             last_step_s=None if self.last_step is None else self.last_step.duration_s,
             step_s=self._step_h.snapshot(), ttfc_s=self._ttfc_h.snapshot(), tpoc_s=self._tpoc_h.snapshot(), jobs=jobs,
         )
+
+    def close(self) -> None:
+        """Stop the parallel mesh's other ranks (if any). The engine is unusable afterwards."""
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
 
     # ----- bookkeeping -----------------------------------------------------------
     def _finish(self, st: JobState, state: str, error: str | None = None) -> JobFinished:

@@ -32,6 +32,7 @@ The duration special token of an open-ended stream counts as 8 or more chunks re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ from cluster.scheduler.plan import StepPlan
 from stages.config import SamplingConfig
 from stages.dit.kv_pool import KVPool
 from stages.dit.model import MagiDiT
+from stages.dit.packed import PackedWindow
 from stages.sampling import combine_cfg3, distill_blend, euler_step
 
 BRANCHES = ("main", "text", "uncond")
@@ -69,11 +71,15 @@ class BatchRunner:
         rope_horizon_chunks: RoPE re-basing horizon (module docstring); None = absolute.
         max_forward_tokens: query-token budget of one forward (module docstring); None = one
             forward per step.
+        forward: the packed forward ``(windows, pool) -> velocities``; default
+            ``dit.forward_packed`` (a parallel mesh passes :class:`cluster.engine.ranks.ShardedForward`).
     """
 
     def __init__(self, dit: MagiDiT, sampling: SamplingConfig, pool: KVPool, *, batch_cfg: bool = True,
-                 rope_horizon_chunks: int | None = None, max_forward_tokens: int | None = None):
+                 rope_horizon_chunks: int | None = None, max_forward_tokens: int | None = None,
+                 forward: Callable[[list[PackedWindow], KVPool], list[torch.Tensor]] | None = None):
         self.dit, self.sampling, self.pool = dit, sampling, pool
+        self.forward_packed = forward or dit.forward_packed
         self.builder = WindowBuilder(dit, sampling)
         self.batch_cfg = batch_cfg
         self.max_forward_tokens = max_forward_tokens
@@ -100,7 +106,7 @@ class BatchRunner:
         kinds = [BRANCHES] if self.batch_cfg else [(b,) for b in BRANCHES]
         for kind in kinds:
             for part in self._split([(s, name) for s in steps for name in kind if name in s.branches]):
-                out = self.dit.forward_packed([s.branches[name] for s, name in part], self.pool)
+                out = self.forward_packed([s.branches[name] for s, name in part], self.pool)
                 for (s, name), v in zip(part, out):
                     s.velocity[name] = v
 

@@ -17,6 +17,7 @@ from ray.serve.config import gRPCOptions
 from cluster.config import DeploymentSettings, ServiceConfig
 from cluster.serve.dit_engine import DiTEngineDeployment
 from cluster.serve.ingress import GrpcIngress
+from cluster.serve.ranks import rank_bundles
 from cluster.serve.text_encoder import TextEncoderDeployment
 from cluster.serve.vae_decoder import VaeDecoderDeployment
 
@@ -39,7 +40,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = args if isinstance(args, ServiceConfig) else ServiceConfig.from_dict(args, "args")
     d = cfg.deployments
     text = _configure(TextEncoderDeployment, d.text_encoder).bind(cfg)
-    dit = _configure(DiTEngineDeployment, d.dit_engine).bind(cfg)
+    bundles = rank_bundles(cfg.parallel, d.dit_engine)
+    dit = _configure(DiTEngineDeployment, d.dit_engine, bundles).bind(cfg)
     vae = _configure(VaeDecoderDeployment, d.vae_decoder).bind(cfg)
     return _configure(GrpcIngress, d.ingress).bind(cfg, text, dit, vae)
 
@@ -54,10 +56,14 @@ def grpc_options(port: int) -> gRPCOptions:
     )
 
 
-def _configure(deployment, s: DeploymentSettings):
+def _configure(deployment, s: DeploymentSettings, bundles: list[dict[str, float]] | None = None):
+    """Serve options of one deployment; ``bundles``: one placement-group bundle per rank of a
+    parallel DiTEngine replica (STRICT_PACK: all ranks on one node; the replica is in bundle 0)."""
+    extra = {} if bundles is None else {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
     return deployment.options(
         num_replicas=s.num_replicas,
         max_ongoing_requests=s.max_ongoing_requests,
         graceful_shutdown_timeout_s=s.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": s.num_cpus},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        **extra,
     )

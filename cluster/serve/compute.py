@@ -16,11 +16,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import torch
+
 from cluster.config import DeploymentSettings, ServiceConfig
 from stages.config import ModelConfig
 from stages.model_store import CheckpointPaths, ensure_checkpoints
 
 HISTORY = 1024  # tagged calls remembered per replica
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ComputeThread:
@@ -61,8 +64,21 @@ def prepare_replica(cfg: ServiceConfig, settings: DeploymentSettings) -> tuple[M
     leaves Ray's OMP_NUM_THREADS: 1 for a fractional num_cpus).
     """
     if settings.torch_threads:
-        import torch  # noqa: PLC0415
-
         torch.set_num_threads(settings.torch_threads)
     model = cfg.load_model()
     return model, ensure_checkpoints(model, cfg.checkpoint_root)
+
+
+def replica_device(settings: DeploymentSettings) -> tuple[str, str]:
+    """(device, weight dtype name) of a model replica: ``cuda`` / ``bfloat16`` when the
+    deployment reserves GPUs (``num_gpus`` > 0; Ray sets the visible device), else ``cpu`` /
+    ``float32``.
+
+    Raises:
+        RuntimeError: GPUs are reserved but CUDA is not available in the replica.
+    """
+    if settings.num_gpus <= 0:
+        return "cpu", "float32"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"num_gpus {settings.num_gpus} reserved but torch.cuda is not available in this replica")
+    return "cuda", "bfloat16"

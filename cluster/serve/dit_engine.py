@@ -1,6 +1,8 @@
 """``DiTEngine`` deployment: a thin Ray Serve shim over :class:`cluster.engine.Engine`.
 
-One replica holds the DiT and one engine. Jobs are submitted to the engine's
+One replica holds the DiT and one engine; with ``parallel.cp_size x parallel.pp_size > 1`` the
+replica is rank 0 of a parallel mesh whose other ranks are actors in its placement group
+(:mod:`cluster.serve.ranks`, :mod:`cluster.engine.ranks`). Jobs are submitted to the engine's
 multi-job API; a single step loop runs ``Engine.step()`` (one packed forward over
 every active job: continuous batching, DESIGN.md section 2) in the replica's
 compute thread and routes each job's ``Progress`` / ``LatentChunk`` events to the
@@ -22,7 +24,8 @@ from ray import serve
 from cluster.config import ServiceConfig
 from cluster.engine import Engine, EngineBusy, JobAdmitted, JobFinished
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress
-from cluster.serve.compute import ComputeThread, prepare_replica
+from cluster.serve.compute import DTYPES, ComputeThread, prepare_replica, replica_device
+from cluster.serve.ranks import start_rank_group
 from cluster.serve.metrics import EngineMetrics
 
 _HISTORY = 256  # finished jobs whose stats stay queryable
@@ -89,8 +92,14 @@ class DiTEngineDeployment:
     """Streams ``Progress`` / ``LatentChunk`` events of jobs batched on one engine (see :meth:`run`)."""
 
     def __init__(self, cfg: ServiceConfig):
-        model, paths = prepare_replica(cfg, cfg.deployments.dit_engine)
-        self._engine = Engine.from_checkpoint(model, paths.dit, max_active_jobs=cfg.engine.max_active_jobs,
+        settings = cfg.deployments.dit_engine
+        model, paths = prepare_replica(cfg, settings)
+        device, dtype = replica_device(settings)
+        ranks = None
+        if cfg.parallel.world_size > 1:
+            ranks = start_rank_group(cfg.parallel, settings, model, str(paths.dit), device, dtype, settings.torch_threads)
+        self._engine = Engine.from_checkpoint(model, paths.dit, device=device, dtype=DTYPES[dtype], ranks=ranks,
+                                              max_active_jobs=cfg.engine.max_active_jobs,
                                               queue_limit=cfg.engine.queue_limit)
         self._compute = ComputeThread("dit-step")
         self._streams: dict[str, asyncio.Queue] = {}
