@@ -19,9 +19,10 @@ the kernel wants (masks here; ``cu_seqlens`` / MagiAttention ``q_ranges``/``k_ra
 device tensors for a GPU backend) and every layer calls ``backend.attend(q, k, v, prepared)``.
 
 Backends: :class:`SdpaRangeAttention` (PyTorch SDPA per group; runs everywhere, used on
-CPU). A flash-attn varlen / MagiAttention backend for GPUs only has to implement
-:class:`RangeAttention` (``prepare`` + ``attend``; ``__call__`` comes from
-:class:`RangeAttentionBase`).
+CPU) and :class:`stages.dit.flash_attention.FlashRangeAttention` (one flash-attn varlen call
+per layer, on GPUs); :func:`stages.dit.flash_attention.make_attention` picks one. Another
+backend (e.g. MagiAttention) only has to implement :class:`RangeAttention` (``prepare`` +
+``attend``; ``__call__`` comes from :class:`RangeAttentionBase`).
 """
 
 from __future__ import annotations
@@ -241,6 +242,12 @@ class SdpaRangeAttention(RangeAttentionBase):
         return torch.cat([buf[s:e] for s, e in pieces])
 
 
-def default_backend() -> RangeAttention:
-    """The backend used when a model is built without one (SDPA)."""
-    return SdpaRangeAttention()
+def default_backend(device: torch.device | str | None = None) -> RangeAttention:
+    """The backend for a model on ``device``: without a device (a model built without a
+    backend) SDPA; otherwise :func:`stages.dit.flash_attention.make_attention` ``("auto")``
+    (flash varlen on CUDA where a kernel is usable, SDPA elsewhere)."""
+    if device is None:
+        return SdpaRangeAttention()
+    from stages.dit.flash_attention import make_attention  # imports this module
+
+    return make_attention("auto", device)
