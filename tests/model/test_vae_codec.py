@@ -10,24 +10,11 @@ from stages.config import magi_tiny
 from stages.errors import InvalidInput
 from stages.vae.codec import VaeCodec
 from stages.vae.tiling import blend, to_uint8
-from stages.vae.weights import load_vae, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return magi_tiny().vae
-
-
-@pytest.fixture(scope="module")
-def vae(cfg, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vae")
-    write_tiny_checkpoint(cfg, folder, seed=0)
-    return load_vae(folder, cfg)
-
-
-@pytest.fixture(scope="module")
-def codec(vae, cfg):
-    return VaeCodec(vae, cfg, fps=magi_tiny().sampling.fps)
+def codec(tiny_vae, tiny_vae_cfg):
+    return VaeCodec(tiny_vae, tiny_vae_cfg, fps=magi_tiny().sampling.fps)
 
 
 def _video(frames=24, size=128, seed=0) -> np.ndarray:
@@ -57,10 +44,10 @@ def test_decode_chunk_is_uint8_non_degenerate_and_deterministic(codec):
     assert np.array_equal(frames, codec.decode(chunk.clone()))
 
 
-def test_decode_uses_scaled_tiles(codec, vae):
+def test_decode_uses_scaled_tiles(codec, tiny_vae):
     """32 px tiles (stride 24 px) on 128 px frames: 6 x 6 spatial x 2 temporal (3-latent-frame) tiles."""
     shapes = []
-    handle = vae.decoder.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape[2:])))
+    handle = tiny_vae.decoder.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape[2:])))
     try:
         codec.decode(torch.randn(16, 6, 16, 16))
     finally:
@@ -69,11 +56,13 @@ def test_decode_uses_scaled_tiles(codec, vae):
     assert shapes[0] == (3, 4, 4) and shapes[-1] == (3, 1, 1)
 
 
-def test_one_big_tile_equals_untiled_decode(vae, cfg):
+def test_one_big_tile_equals_untiled_decode(tiny_vae, tiny_vae_cfg):
     chunk = torch.randn(16, 6, 16, 16, generator=torch.Generator().manual_seed(1))
-    codec = VaeCodec(vae, cfg, fps=48, tile_size=256)  # one tile: 24 frames (6 latent), 256 px > frame
+    # one tile: 24 frames (6 latent), 256 px > frame
+    codec = VaeCodec(tiny_vae, tiny_vae_cfg, fps=48, tile_size=256)
     with torch.no_grad():
-        reference = to_uint8(vae.decode(chunk[None] / cfg.scale_factor)[0]).permute(1, 2, 3, 0).numpy()
+        decoded = tiny_vae.decode(chunk[None] / tiny_vae_cfg.scale_factor)[0]
+        reference = to_uint8(decoded).permute(1, 2, 3, 0).numpy()
     assert np.array_equal(codec.decode(chunk), reference)
 
 
@@ -125,14 +114,14 @@ def test_encode_rejects_bad_pixels(codec):
         codec.encode_video(np.zeros((4, 64, 60, 3), np.uint8), field="clip")
 
 
-def test_codec_rejects_bad_settings(vae, cfg):
+def test_codec_rejects_bad_settings(tiny_vae, tiny_vae_cfg):
     with pytest.raises(ValueError, match="tile_size"):
-        VaeCodec(vae, cfg, tile_size=36)
+        VaeCodec(tiny_vae, tiny_vae_cfg, tile_size=36)
     with pytest.raises(ValueError, match="tile_size"):
-        VaeCodec(vae, cfg, tile_size=8)  # stride int(8 * 0.75) = 6 px is not a whole patch
+        VaeCodec(tiny_vae, tiny_vae_cfg, tile_size=8)  # stride int(8 * 0.75) = 6 px is not a whole patch
     with pytest.raises(ValueError, match="tile_length"):
-        VaeCodec(vae, cfg, fps=30)  # fps // 2 = 15 frames is not a whole number of latent frames
+        VaeCodec(tiny_vae, tiny_vae_cfg, fps=30)  # fps // 2 = 15 frames is not a whole number of latent frames
     with pytest.raises(ValueError, match="tile_size: overlap"):
-        VaeCodec(vae, cfg, spatial_overlap=1.0)
+        VaeCodec(tiny_vae, tiny_vae_cfg, spatial_overlap=1.0)
     with pytest.raises(ValueError, match="cfg"):
-        VaeCodec(vae, cfg.model_copy(update={"scale_factor": 1.0}))
+        VaeCodec(tiny_vae, tiny_vae_cfg.model_copy(update={"scale_factor": 1.0}))
