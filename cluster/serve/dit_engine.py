@@ -24,9 +24,11 @@ from ray import serve
 from cluster.config import ServiceConfig
 from cluster.engine import Engine, EngineBusy, JobAdmitted, JobFinished
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress
+from cluster.serve.cancels import EarlyCancels, JobCancelled
 from cluster.serve.compute import DTYPES, ComputeThread, prepare_replica, replica_device
 from cluster.serve.ranks import start_rank_group
 from cluster.serve.metrics import EngineMetrics
+from stages.errors import InvalidInput
 
 _HISTORY = 256  # finished jobs whose stats stay queryable
 _STEP_HISTORY = 64  # step intervals kept per job
@@ -107,6 +109,7 @@ class DiTEngineDeployment:
         self._loop_task: asyncio.Task | None = None
         self._metrics = EngineMetrics()
         self._positions: dict[str, int] = {}  # last queue position sent per queued job
+        self._early_cancels = EarlyCancels()  # cancels of jobs not here yet
 
     async def run(self, job: EngineJob) -> AsyncIterator[Progress | LatentChunk]:
         """Run ``job`` in the engine, yielding its events as the steps produce them.
@@ -117,40 +120,65 @@ class DiTEngineDeployment:
             :class:`cluster.messages.LatentChunk` (float32 (C, T, H, W) scaled latent)
             when a chunk becomes clean, in the engine's order.
         Raises:
-            stages.errors.InvalidInput: a field the engine cannot use (named).
+            stages.errors.InvalidInput: a field the engine cannot use (named), or a
+                ``job_id`` already queued or running here.
             EngineFull: the engine's admission queue is full (retry hint).
+            cluster.serve.cancels.JobCancelled: :meth:`cancel` stopped the job (also a
+                cancel that came before the job did).
             RuntimeError: the engine failed the job (its message says why).
             asyncio.CancelledError: the caller went away; the job is cancelled in the
-                engine before its next step.
+                engine before its next step (also when that happens during its submit).
         """
         job_id = job.spec.job_id
+        if job_id in self._streams:
+            raise InvalidInput("job_id", f"job {job_id!r} is already queued or running")
+        if self._early_cancels.consume(job_id):  # cancel(job_id) came first: never start it
+            self._track(job_id, JobStats(state="cancelled", finished_at=time.time()))
+            raise JobCancelled(job_id)
         events: asyncio.Queue = asyncio.Queue()
         self._streams[job_id] = events
+        stats = self._track(job_id, JobStats())  # before the submit, so cancel() sees the job
         try:
-            handle, position = await self._compute.call(self._submit, job)
-        except BaseException as exc:
-            del self._streams[job_id]
-            if isinstance(exc, EngineBusy):  # its keyword-only __init__ does not survive pickling
-                raise EngineFull(str(exc), exc.retry_after_s) from None
-            raise
-        stats = self._track(job_id, JobStats(state=handle.state, total_forwards=handle.total_forwards))
-        if position is not None:
-            self._positions[job_id] = position
-            events.put_nowait(QueuePosition(job_id, position))
-        self._ensure_step_loop()
-        try:
+            handle = await self._admit(job, stats, events)
             while (event := await events.get()) is not None:
                 yield event
             if stats.state == "failed":
                 raise RuntimeError(f"engine failed job {job_id}: {handle.error}")
+            if stats.state == "cancelled":
+                raise JobCancelled(job_id)
         except (asyncio.CancelledError, GeneratorExit):  # the consumer cancelled or closed the stream
-            if stats.running:
+            if stats.running:  # one FIFO compute thread: runs after a submit still in flight
                 await self._compute.call(self._engine.cancel, job_id)
                 self._finish(job_id, "cancelled")
             raise
         finally:
             self._streams.pop(job_id, None)
             self._positions.pop(job_id, None)
+
+    async def _admit(self, job: EngineJob, stats: JobStats, events: asyncio.Queue):
+        """Submit ``job`` in the compute thread; fill ``stats``, queue its first position.
+
+        Returns the engine's job handle. A refused job (EngineFull, InvalidInput) is
+        dropped from the stats. A :meth:`cancel` during the submit already finished
+        ``stats`` (and queued the stream's end).
+        """
+        job_id = job.spec.job_id
+        try:
+            handle, position = await self._compute.call(self._submit, job)
+        except Exception as exc:
+            if self._jobs.get(job_id) is stats:
+                del self._jobs[job_id]
+            if isinstance(exc, EngineBusy):  # its keyword-only __init__ does not survive pickling
+                raise EngineFull(str(exc), exc.retry_after_s) from None
+            raise
+        stats.total_forwards = handle.total_forwards
+        if stats.running:
+            stats.state = handle.state
+            if position is not None:
+                self._positions[job_id] = position
+                events.put_nowait(QueuePosition(job_id, position))
+        self._ensure_step_loop()
+        return handle
 
     def _submit(self, job: EngineJob):
         """Compute thread: submit; returns (handle, queue position or None when admitted)."""
@@ -185,11 +213,17 @@ class DiTEngineDeployment:
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel ``job_id`` now (idempotent): it leaves the next engine step and its KV
-        storage returns to the pool. The ingress calls this when a client stream ends early,
-        besides cancelling the DiT stream, so cancellation never depends on how quickly
-        Serve propagates a stream cancel. Returns whether the job was still running."""
+        storage returns to the pool; its :meth:`run` stream ends with JobCancelled. The
+        ingress calls this when a client stream ends early (besides cancelling the DiT
+        stream) and for the ``Cancel`` RPC, so cancellation never depends on Serve passing a
+        stream cancel on (see :mod:`cluster.serve.cancels`). A job id this replica has not
+        seen is remembered for ``cancels.CANCEL_MEMORY_S`` and refused when it arrives; a
+        finished job is left alone. Returns whether the job was queued or running here."""
         stats = self._jobs.get(job_id)
-        if stats is None or not stats.running:
+        if stats is None:
+            self._early_cancels.add(job_id)
+            return False
+        if not stats.running:
             return False
         await self._compute.call(self._engine.cancel, job_id)
         self._finish(job_id, "cancelled")
