@@ -136,7 +136,12 @@ def _run_job(client: MagiClient, request, output: Path, quiet: bool) -> int:
                     f.flush()
                 view.update(msg)
     except KeyboardInterrupt:
-        stream.cancel()
+        try:
+            stream.cancel()
+        except grpc.RpcError as exc:
+            print(f"magi: could not cancel job {stream.job_id} on the service ({exc.code().name}); "
+                  "it may still run", file=sys.stderr)
+            return 130
         print("magi: cancelled", file=sys.stderr)
         return 130
     done = stream.done

@@ -12,11 +12,19 @@ Example::
 
 Errors arrive as ``grpc.RpcError`` (``.code()``, ``.details()``; details name the
 bad field for INVALID_ARGUMENT).
+
+Cancellation: every job gets a client-chosen random id (``GenerateRequest.job_id``), and
+a stream left before its end (``cancel()``, ``close()``, leaving a ``with`` block, a
+deadline, a broken connection) also sends ``Cancel(job_id)``: cancelling the gRPC call
+alone does not always reach the service through Ray Serve's gRPC proxy (see
+:mod:`cluster.serve.cancels`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,6 +38,13 @@ from magi.v1 import generate_pb2_grpc as pb_grpc
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 
 FORMATS = {"fmp4": pb.OUTPUT_FORMAT_FMP4, "raw": pb.OUTPUT_FORMAT_RAW_RGB}
+
+#: Statuses that end a stream from the client's side or the transport's, not by the service's
+#: decision: the job may still run on the service, so the SDK sends Cancel(job_id).
+CLIENT_SIDE_ENDS = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
+
+_log = logging.getLogger(__name__)
 
 
 def make_request(
@@ -86,37 +101,76 @@ def _read(data: bytes | str | Path) -> bytes:
 class GenerateStream:
     """Iterator over one job's ``GenerateResponse`` messages; ``cancel()`` stops the job.
 
+    Leave a stream before its end with :meth:`cancel` or :meth:`close`, or iterate it in a
+    ``with`` block (leaving the block closes it): each sends ``Cancel(job_id)``. A stream that
+    ends by a deadline or a broken connection sends it too (errors logged, not raised).
+    Merely dropping the stream (or breaking out of a loop outside a ``with`` block) only
+    cancels the gRPC call, which Serve's gRPC proxy may not pass on.
+
     Attributes:
+        job_id: the job's id (chosen by the client, known before JobAccepted).
         accepted: the JobAccepted message once received (job_id, sizes, fps), else None.
         done: the Done message once received (TTFC, TPOC), else None.
         first_chunk_at: client clock (``time.perf_counter``) when the first chunk arrived.
     """
 
-    def __init__(self, call, started_at: float):
+    def __init__(self, call, job_id: str, cancel_job, started_at: float):
         self._call = call
+        self._cancel_job = cancel_job  # MagiClient.cancel
+        self._over = False  # ended by the service (Done or its error status), or cancelled
+        self.job_id = job_id
         self.started_at = started_at
         self.accepted: pb.JobAccepted | None = None
         self.done: pb.Done | None = None
         self.first_chunk_at: float | None = None
 
     def __iter__(self) -> Iterator[pb.GenerateResponse]:
-        for msg in self._call:
-            kind = msg.WhichOneof("event")
-            if kind == "accepted":
-                self.accepted = msg.accepted
-            elif kind == "chunk" and self.first_chunk_at is None:
-                self.first_chunk_at = time.perf_counter()
-            elif kind == "done":
-                self.done = msg.done
-            yield msg
+        try:
+            for msg in self._call:
+                kind = msg.WhichOneof("event")
+                if kind == "accepted":
+                    self.accepted = msg.accepted
+                elif kind == "chunk" and self.first_chunk_at is None:
+                    self.first_chunk_at = time.perf_counter()
+                elif kind == "done":
+                    self.done, self._over = msg.done, True
+                yield msg
+        except grpc.RpcError as exc:
+            if exc.code() in CLIENT_SIDE_ENDS:  # the job may still run on the service
+                self.close()  # a no-op after cancel()
+            self._over = True
+            raise
+        self._over = True
 
-    def cancel(self) -> None:
-        """Cancel the call; the service stops the job's engine work."""
+    def cancel(self, timeout: float = 10.0) -> bool:
+        """Stop the job: cancel the call, then ``Cancel(job_id)`` on the service.
+
+        Returns:
+            ``CancelResponse.was_active``: True when the engine held the job and stopped it;
+            False when it does not hold it (finished, or not arrived yet: then it is refused
+            on arrival), or when this stream had already ended or been cancelled.
+        Raises:
+            grpc.RpcError: the Cancel call failed (the job may still run; retry
+                ``MagiClient.cancel(job_id)``).
+        """
         self._call.cancel()
+        if self._over:
+            return False
+        self._over = True
+        return self._cancel_job(self.job_id, timeout=timeout)
 
-    @property
-    def job_id(self) -> str | None:
-        return self.accepted.job_id if self.accepted else None
+    def close(self) -> None:
+        """Abandon the stream: as :meth:`cancel`, but a failed Cancel is logged, not raised."""
+        try:
+            self.cancel()
+        except grpc.RpcError as exc:
+            _log.warning("could not cancel job %s on the service: %s %s", self.job_id, exc.code(), exc.details())
+
+    def __enter__(self) -> "GenerateStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class MagiClient:
@@ -132,9 +186,27 @@ class MagiClient:
 
     def generate(self, request: pb.GenerateRequest, *, timeout: float | None = None,
                  metadata: Sequence[tuple[str, str]] = ()) -> GenerateStream:
-        """Start a job; iterate the returned stream for its events (see the .proto)."""
-        call = self._stub.Generate(request, timeout=timeout, metadata=tuple(metadata) or None)
-        return GenerateStream(call, time.perf_counter())
+        """Start a job; iterate the returned stream for its events (see the .proto).
+
+        A request without ``job_id`` is sent (as a copy) with a random one (UUID4 hex), so
+        the job can be cancelled by id at any time, even before JobAccepted.
+        """
+        sent = pb.GenerateRequest()
+        sent.CopyFrom(request)
+        sent.job_id = sent.job_id or uuid.uuid4().hex
+        call = self._stub.Generate(sent, timeout=timeout, metadata=tuple(metadata) or None)
+        return GenerateStream(call, sent.job_id, self.cancel, time.perf_counter())
+
+    def cancel(self, job_id: str, *, timeout: float | None = 10.0) -> bool:
+        """``Cancel``: stop a job by id (idempotent). A job not on the service yet is refused when
+        it arrives (within 10 minutes).
+
+        Returns:
+            True when the engine held the job (queued or running) and stopped it.
+        Raises:
+            grpc.RpcError: INVALID_ARGUMENT ("job_id: ..."), or the call failed.
+        """
+        return self._stub.Cancel(pb.CancelRequest(job_id=job_id), timeout=timeout).was_active
 
     def update_prompt(self, job_id: str, start_chunk: int, text: str, *, timeout: float | None = 30.0
                       ) -> pb.UpdatePromptResponse:

@@ -1,10 +1,9 @@
 """``GrpcIngress`` deployment: the ``magi.v1.VideoGeneration`` service behind Serve's gRPC proxy.
 
 Method names are the gRPC method names (Serve routes ``/pkg.Service/Method`` to
-the ingress method ``Method``): ``Generate`` (magi.v1) and ``Check``
-and ``UpdatePrompt`` (magi.v1), ``Check``
-(grpc.health.v1; ``Watch`` is not served). Reflection runs in the proxy itself
-(Serve's ``enable_reflection``). The stream of a job (DESIGN.md section 2)::
+the ingress method ``Method``): ``Generate``, ``UpdatePrompt`` and ``Cancel``
+(magi.v1), ``Check`` (grpc.health.v1; ``Watch`` is not served). Reflection runs in
+the proxy itself (Serve's ``enable_reflection``). The stream of a job (DESIGN.md section 2)::
 
     Accepted -> TextEncoder.encode (+ VaeDecoder.encode_image / encode_video)
              -> DiTEngine.run ~~> [Queued position ...] Progress ..., LatentChunk k ...
@@ -18,7 +17,10 @@ the stream at the moment its latent was produced, and waits only for its own
 decode. Bad requests end the stream with INVALID_ARGUMENT naming the field; a
 full engine with RESOURCE_EXHAUSTED (the details end with the retry hint "retry in
 about N s"); any other failure with INTERNAL. A cancelled client stream cancels the DiT stream
-(the engine stops the job between steps) and the pending decodes.
+and calls ``DiTEngine.cancel`` (the engine stops the job between steps) and the
+pending decodes. Serve's gRPC proxy does not always pass a client's cancel on (see
+:mod:`cluster.serve.cancels`), so ``Cancel(job_id)`` stops a job without it; the
+job's stream, if the ingress still runs it, then ends with CANCELLED.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cluster.config import ServiceConfig
 from cluster.engine import JobNotFound
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress
 from cluster.serve import stream
+from cluster.serve.cancels import JobCancelled, check_job_id
 from cluster.serve.dit_engine import EngineFull, QueuePosition
 from cluster.serve.validate import validate_request, validate_update
 from magi.v1 import generate_pb2 as pb
@@ -72,9 +75,8 @@ class GrpcIngress:
         """magi.v1 ``Generate``: one job's events (see the module docstring)."""
         clock = stream.StreamClock()
         try:
-            spec = await asyncio.to_thread(
-                validate_request, request, self._model, self._cfg.limits, uuid.uuid4().hex
-            )
+            job_id = check_job_id(request.job_id) if request.job_id else uuid.uuid4().hex
+            spec = await asyncio.to_thread(validate_request, request, self._model, self._cfg.limits, job_id)
         except InvalidInput as exc:
             _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         yield stream.accepted(spec, self._model)
@@ -107,6 +109,23 @@ class GrpcIngress:
                 _abort(grpc_context, grpc.StatusCode.NOT_FOUND, str(cause))
             _fail(grpc_context, request.job_id, cause)
         return pb.UpdatePromptResponse(job_id=job_id, start_chunk=start_chunk)
+
+    async def Cancel(self, request: pb.CancelRequest, grpc_context) -> pb.CancelResponse:
+        """magi.v1 ``Cancel``: ``DiTEngine.cancel(job_id)`` (a job not there yet is refused
+        when it arrives; see :mod:`cluster.serve.cancels`).
+
+        Status: INVALID_ARGUMENT ("job_id: ..."), INTERNAL otherwise.
+        """
+        try:
+            job_id = check_job_id(request.job_id)
+        except InvalidInput as exc:
+            _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            was_active = await self._dit_unary.cancel.remote(job_id)
+        except Exception as exc:  # noqa: BLE001  (mapped to a status)
+            cause = getattr(exc, "cause", None) or exc
+            _abort(grpc_context, grpc.StatusCode.INTERNAL, f"cancel of job {job_id} failed: {type(cause).__name__}: {cause}")
+        return pb.CancelResponse(job_id=job_id, was_active=was_active)
 
     async def _engine_job(self, spec: JobSpec) -> EngineJob:
         """Caption embeddings (+ the conditioning latent) of a job, fetched concurrently."""
@@ -150,7 +169,7 @@ class GrpcIngress:
             finished = True
             yield clock.done()
         finally:
-            if not finished:  # cancelled or failed: stop the engine's work on this job
+            if not finished and not pump.done():  # the DiT stream is open: stop the engine's work
                 dit_stream.cancel()
                 self._dit_unary.cancel.remote(spec.job_id)  # explicit, not only via the stream
             pump.cancel()
@@ -195,7 +214,10 @@ def _drain(queue: asyncio.Queue) -> list:
 
 def _fail(grpc_context, job_id: str, cause: BaseException):
     """Map a failure after Accepted to a status: INVALID_ARGUMENT (a stage rejected a field),
-    RESOURCE_EXHAUSTED (engine full; the details end "retry in about N s"), else INTERNAL."""
+    RESOURCE_EXHAUSTED (engine full; the details end "retry in about N s"), CANCELLED (the
+    job was cancelled through ``Cancel``), else INTERNAL."""
+    if isinstance(cause, JobCancelled):
+        _abort(grpc_context, grpc.StatusCode.CANCELLED, str(cause))
     if isinstance(cause, InvalidInput):
         _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(cause))
     if isinstance(cause, EngineFull):  # Serve forwards only code + details on errors

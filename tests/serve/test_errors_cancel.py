@@ -15,6 +15,11 @@ pytestmark = pytest.mark.serve
 BAD = Path(__file__).resolve().parents[3] / "shared" / "inputs" / "bad"
 
 
+def with_job_id(request, job_id):
+    request.job_id = job_id
+    return request
+
+
 CASES = {
     "empty_prompt": (make_request("", num_chunks=2), "prompt_segments[0].text"),
     "invisible_prompt": (make_request(" \n\t\u200b", num_chunks=2), "prompt_segments[0].text"),
@@ -33,6 +38,8 @@ CASES = {
     "empty_image": (make_request("a cat", image=b""), "image"),
     "empty_video": (make_request("a cat", prefix_video=BAD / "zero_bytes.mp4"), "prefix_video"),
     "one_frame_video": (make_request("a cat", prefix_video=BAD / "single_frame_448x300.mp4"), "prefix_video"),
+    "job_id_with_space": (with_job_id(make_request("a cat"), "my job"), "job_id"),
+    "job_id_too_long": (with_job_id(make_request("a cat"), "j" * 65), "job_id"),
 }
 
 

@@ -24,35 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16magi/v1/generate.proto\x12\x07magi.v1\"2\n\rPromptSegment\x12\x13\n\x0bstart_chunk\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xfa\x01\n\x0fGenerateRequest\x12/\n\x0fprompt_segments\x18\x01 \x03(\x0b\x32\x16.magi.v1.PromptSegment\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0cprefix_video\x18\x03 \x01(\x0cH\x00\x12\x12\n\nnum_chunks\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tnum_steps\x18\x08 \x01(\x05\x12,\n\routput_format\x18\t \x01(\x0e\x32\x15.magi.v1.OutputFormatB\x0b\n\tcondition\"\xcc\x01\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x18\n\x10\x66rames_per_chunk\x18\x04 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x11\n\tnum_steps\x18\x08 \x01(\x05\x12,\n\routput_format\x18\t \x01(\x0e\x32\x15.magi.v1.OutputFormat\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\":\n\x08Progress\x12\r\n\x05\x63hunk\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x11\n\tnum_steps\x18\x03 \x01(\x05\"\x80\x01\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nnum_frames\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.magi.v1.OutputFormat\x12\x0c\n\x04part\x18\x05 \x01(\x05\x12\x11\n\tlast_part\x18\x06 \x01(\x08\"a\n\x04\x44one\x12\x0e\n\x06ttfc_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpoc_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_frames\x18\x04 \x01(\x05\x12\x12\n\nnum_chunks\x18\x05 \x01(\x05\"H\n\x13UpdatePromptRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_chunk\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\";\n\x14UpdatePromptResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_chunk\x18\x02 \x01(\x05\"\xcf\x01\n\x10GenerateResponse\x12(\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x14.magi.v1.JobAcceptedH\x00\x12%\n\x08progress\x18\x02 \x01(\x0b\x32\x11.magi.v1.ProgressH\x00\x12\x1f\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x0e.magi.v1.ChunkH\x00\x12\x1d\n\x04\x64one\x18\x04 \x01(\x0b\x32\r.magi.v1.DoneH\x00\x12!\n\x06queued\x18\x05 \x01(\x0b\x32\x0f.magi.v1.QueuedH\x00\x42\x07\n\x05\x65vent*`\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_FMP4\x10\x01\x12\x19\n\x15OUTPUT_FORMAT_RAW_RGB\x10\x02\x32\xa1\x01\n\x0fVideoGeneration\x12\x41\n\x08Generate\x12\x18.magi.v1.GenerateRequest\x1a\x19.magi.v1.GenerateResponse0\x01\x12K\n\x0cUpdatePrompt\x12\x1c.magi.v1.UpdatePromptRequest\x1a\x1d.magi.v1.UpdatePromptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16magi/v1/generate.proto\x12\x07magi.v1\"2\n\rPromptSegment\x12\x13\n\x0bstart_chunk\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x8a\x02\n\x0fGenerateRequest\x12/\n\x0fprompt_segments\x18\x01 \x03(\x0b\x32\x16.magi.v1.PromptSegment\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0cprefix_video\x18\x03 \x01(\x0cH\x00\x12\x12\n\nnum_chunks\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tnum_steps\x18\x08 \x01(\x05\x12,\n\routput_format\x18\t \x01(\x0e\x32\x15.magi.v1.OutputFormat\x12\x0e\n\x06job_id\x18\n \x01(\tB\x0b\n\tcondition\"\xcc\x01\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x18\n\x10\x66rames_per_chunk\x18\x04 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x11\n\tnum_steps\x18\x08 \x01(\x05\x12,\n\routput_format\x18\t \x01(\x0e\x32\x15.magi.v1.OutputFormat\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\":\n\x08Progress\x12\r\n\x05\x63hunk\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x11\n\tnum_steps\x18\x03 \x01(\x05\"\x80\x01\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nnum_frames\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12%\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x15.magi.v1.OutputFormat\x12\x0c\n\x04part\x18\x05 \x01(\x05\x12\x11\n\tlast_part\x18\x06 \x01(\x08\"a\n\x04\x44one\x12\x0e\n\x06ttfc_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpoc_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_frames\x18\x04 \x01(\x05\x12\x12\n\nnum_chunks\x18\x05 \x01(\x05\"H\n\x13UpdatePromptRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_chunk\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\";\n\x14UpdatePromptResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_chunk\x18\x02 \x01(\x05\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0e\x43\x61ncelResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nwas_active\x18\x02 \x01(\x08\"\xcf\x01\n\x10GenerateResponse\x12(\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x14.magi.v1.JobAcceptedH\x00\x12%\n\x08progress\x18\x02 \x01(\x0b\x32\x11.magi.v1.ProgressH\x00\x12\x1f\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x0e.magi.v1.ChunkH\x00\x12\x1d\n\x04\x64one\x18\x04 \x01(\x0b\x32\r.magi.v1.DoneH\x00\x12!\n\x06queued\x18\x05 \x01(\x0b\x32\x0f.magi.v1.QueuedH\x00\x42\x07\n\x05\x65vent*`\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_FMP4\x10\x01\x12\x19\n\x15OUTPUT_FORMAT_RAW_RGB\x10\x02\x32\xdc\x01\n\x0fVideoGeneration\x12\x41\n\x08Generate\x12\x18.magi.v1.GenerateRequest\x1a\x19.magi.v1.GenerateResponse0\x01\x12K\n\x0cUpdatePrompt\x12\x1c.magi.v1.UpdatePromptRequest\x1a\x1d.magi.v1.UpdatePromptResponse\x12\x39\n\x06\x43\x61ncel\x12\x16.magi.v1.CancelRequest\x1a\x17.magi.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'magi.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=1210
-  _globals['_OUTPUTFORMAT']._serialized_end=1306
+  _globals['_OUTPUTFORMAT']._serialized_start=1313
+  _globals['_OUTPUTFORMAT']._serialized_end=1409
   _globals['_PROMPTSEGMENT']._serialized_start=35
   _globals['_PROMPTSEGMENT']._serialized_end=85
   _globals['_GENERATEREQUEST']._serialized_start=88
-  _globals['_GENERATEREQUEST']._serialized_end=338
-  _globals['_JOBACCEPTED']._serialized_start=341
-  _globals['_JOBACCEPTED']._serialized_end=545
-  _globals['_QUEUED']._serialized_start=547
-  _globals['_QUEUED']._serialized_end=573
-  _globals['_PROGRESS']._serialized_start=575
-  _globals['_PROGRESS']._serialized_end=633
-  _globals['_CHUNK']._serialized_start=636
-  _globals['_CHUNK']._serialized_end=764
-  _globals['_DONE']._serialized_start=766
-  _globals['_DONE']._serialized_end=863
-  _globals['_UPDATEPROMPTREQUEST']._serialized_start=865
-  _globals['_UPDATEPROMPTREQUEST']._serialized_end=937
-  _globals['_UPDATEPROMPTRESPONSE']._serialized_start=939
-  _globals['_UPDATEPROMPTRESPONSE']._serialized_end=998
-  _globals['_GENERATERESPONSE']._serialized_start=1001
-  _globals['_GENERATERESPONSE']._serialized_end=1208
-  _globals['_VIDEOGENERATION']._serialized_start=1309
-  _globals['_VIDEOGENERATION']._serialized_end=1470
+  _globals['_GENERATEREQUEST']._serialized_end=354
+  _globals['_JOBACCEPTED']._serialized_start=357
+  _globals['_JOBACCEPTED']._serialized_end=561
+  _globals['_QUEUED']._serialized_start=563
+  _globals['_QUEUED']._serialized_end=589
+  _globals['_PROGRESS']._serialized_start=591
+  _globals['_PROGRESS']._serialized_end=649
+  _globals['_CHUNK']._serialized_start=652
+  _globals['_CHUNK']._serialized_end=780
+  _globals['_DONE']._serialized_start=782
+  _globals['_DONE']._serialized_end=879
+  _globals['_UPDATEPROMPTREQUEST']._serialized_start=881
+  _globals['_UPDATEPROMPTREQUEST']._serialized_end=953
+  _globals['_UPDATEPROMPTRESPONSE']._serialized_start=955
+  _globals['_UPDATEPROMPTRESPONSE']._serialized_end=1014
+  _globals['_CANCELREQUEST']._serialized_start=1016
+  _globals['_CANCELREQUEST']._serialized_end=1047
+  _globals['_CANCELRESPONSE']._serialized_start=1049
+  _globals['_CANCELRESPONSE']._serialized_end=1101
+  _globals['_GENERATERESPONSE']._serialized_start=1104
+  _globals['_GENERATERESPONSE']._serialized_end=1311
+  _globals['_VIDEOGENERATION']._serialized_start=1412
+  _globals['_VIDEOGENERATION']._serialized_end=1632
 # @@protoc_insertion_point(module_scope)

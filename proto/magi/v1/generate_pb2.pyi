@@ -25,7 +25,7 @@ class PromptSegment(_message.Message):
     def __init__(self, start_chunk: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt_segments", "image", "prefix_video", "num_chunks", "height", "width", "seed", "num_steps", "output_format")
+    __slots__ = ("prompt_segments", "image", "prefix_video", "num_chunks", "height", "width", "seed", "num_steps", "output_format", "job_id")
     PROMPT_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_VIDEO_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     prompt_segments: _containers.RepeatedCompositeFieldContainer[PromptSegment]
     image: bytes
     prefix_video: bytes
@@ -44,7 +45,8 @@ class GenerateRequest(_message.Message):
     seed: int
     num_steps: int
     output_format: OutputFormat
-    def __init__(self, prompt_segments: _Optional[_Iterable[_Union[PromptSegment, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ...) -> None: ...
+    job_id: str
+    def __init__(self, prompt_segments: _Optional[_Iterable[_Union[PromptSegment, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "num_chunks", "num_frames", "frames_per_chunk", "fps", "width", "height", "num_steps", "output_format")
@@ -131,6 +133,20 @@ class UpdatePromptResponse(_message.Message):
     job_id: str
     start_chunk: int
     def __init__(self, job_id: _Optional[str] = ..., start_chunk: _Optional[int] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("job_id", "was_active")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WAS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    was_active: bool
+    def __init__(self, job_id: _Optional[str] = ..., was_active: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("accepted", "progress", "chunk", "done", "queued")

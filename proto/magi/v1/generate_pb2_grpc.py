@@ -47,6 +47,11 @@ class VideoGenerationStub:
                 request_serializer=magi_dot_v1_dot_generate__pb2.UpdatePromptRequest.SerializeToString,
                 response_deserializer=magi_dot_v1_dot_generate__pb2.UpdatePromptResponse.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/magi.v1.VideoGeneration/Cancel',
+                request_serializer=magi_dot_v1_dot_generate__pb2.CancelRequest.SerializeToString,
+                response_deserializer=magi_dot_v1_dot_generate__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class VideoGenerationServicer:
@@ -83,6 +88,23 @@ class VideoGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Cancels a job (idempotent): the DiT engine drops it before its next step and
+        frees its KV cache; its Generate stream, if still open, ends with CANCELLED.
+        Call it whenever a Generate stream is abandoned: cancelling the call alone relies
+        on the gateway (Ray Serve's gRPC proxy) passing the cancellation on, and Ray 2.60
+        loses a cancellation that reaches the proxy while it writes a response message
+        (the job then runs to its end). A job the engine does not hold yet (its Generate
+        call is still being validated or encoded, or this call overtook it) is remembered
+        for 10 minutes and refused when it arrives, so a job can be cancelled by the
+        job_id its client chose (GenerateRequest.job_id) even before JobAccepted.
+        Errors: INVALID_ARGUMENT ("job_id: ..."). Limitation: as for UpdatePrompt, with
+        several DiT engine replicas the call may reach one that does not run the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +117,11 @@ def add_VideoGenerationServicer_to_server(servicer, server):
                     servicer.UpdatePrompt,
                     request_deserializer=magi_dot_v1_dot_generate__pb2.UpdatePromptRequest.FromString,
                     response_serializer=magi_dot_v1_dot_generate__pb2.UpdatePromptResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=magi_dot_v1_dot_generate__pb2.CancelRequest.FromString,
+                    response_serializer=magi_dot_v1_dot_generate__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -154,6 +181,33 @@ class VideoGeneration:
             '/magi.v1.VideoGeneration/UpdatePrompt',
             magi_dot_v1_dot_generate__pb2.UpdatePromptRequest.SerializeToString,
             magi_dot_v1_dot_generate__pb2.UpdatePromptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/magi.v1.VideoGeneration/Cancel',
+            magi_dot_v1_dot_generate__pb2.CancelRequest.SerializeToString,
+            magi_dot_v1_dot_generate__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
