@@ -7,6 +7,8 @@ so that ``state_dict`` keys match the official checkpoints.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -159,6 +161,40 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     c, s = cos[:, None, :], sin[:, None, :]
     x1, x2 = x[..., :r], x[..., r : 2 * r]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x[..., 2 * r :]], dim=-1)
+
+
+def rope_time_shift(k: torch.Tensor, bands: torch.Tensor | Sequence[float], frames: int, t_patch_size: int) -> torch.Tensor:
+    """Move post-RoPE keys ``frames`` latent frames earlier in time.
+
+    Rotates the time bands of (S, G, Dh) keys by ``-frames / t_patch_size * band`` (RoPE
+    composes, R(p - d) = R(-d) R(p); the h/w bands and the non-rotary channels are untouched;
+    band layout of :class:`LearnableRotaryEmbeddingCat`). Used to re-base cached keys (engine
+    RoPE position policy).
+
+    Args:
+        k: (S, G, Dh) keys after RoPE; bands: the ``rope.bands`` values (Dh // 8) as float32.
+        frames: latent frames to move back; t_patch_size: latent frames per patch in time.
+    Returns:
+        float32-computed keys in ``k``'s dtype.
+    """
+    bands = torch.as_tensor(bands, dtype=torch.float32).to(k.device)
+    ang = torch.zeros(3, bands.shape[0], device=k.device)
+    ang[0] = -float(frames) / max(1, t_patch_size) * bands
+    row = ang.reshape(1, -1)
+    return apply_rotary(k.float(), row.sin(), row.cos()).to(k.dtype)
+
+
+@dataclass(frozen=True)
+class RopeShift:
+    """Picklable :func:`rope_time_shift` with fixed arguments: ``RopeShift(...)(k)`` (sent to the
+    ranks of a parallel mesh to re-base their KV pool shards)."""
+
+    bands: tuple[float, ...]
+    frames: int
+    t_patch_size: int
+
+    def __call__(self, k: torch.Tensor) -> torch.Tensor:
+        return rope_time_shift(k, self.bands, self.frames, self.t_patch_size)
 
 
 class FinalLinear(nn.Module):

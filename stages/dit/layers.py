@@ -37,6 +37,9 @@ class LayerContext:
         y_xattn: per window, (K_w * L, D) caption tokens after ``y_proj_xattn`` + SiLU (padded).
         y_valid: (sum K_w * L,) bool, the valid caption tokens among them.
         attention: the :class:`RangeAttention` backend.
+        cp: with context parallelism, the micro-batch's :class:`stages.parallel.ulysses.Ulysses`;
+            then ``rope_*``, ``token_chunk`` cover this rank's L local tokens, while ``kv_index``
+            and the attention specs cover all n tokens of the micro-batch (heads split).
     """
 
     rope_sin: torch.Tensor
@@ -50,6 +53,7 @@ class LayerContext:
     y_xattn: list[torch.Tensor]
     y_valid: torch.Tensor
     attention: RangeAttention
+    cp: Any = None
 
 
 class AdaModulateLayer(nn.Module):
@@ -114,22 +118,34 @@ class FullyParallelAttention(nn.Module):
         v = self.linear_qkv.v(h).view(h.shape[0], -1, self.head_dim)
         return k, v
 
-    def cross(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        """Cross-attention of every chunk's tokens over its own caption tokens -> (S, Hq * Dh).
+    def cross_q(self, h: torch.Tensor) -> torch.Tensor:
+        """(S, D) normed hidden -> (S, Hq, Dh) cross-attention queries (``q_layernorm_xattn``, no RoPE)."""
+        return self.q_layernorm_xattn(self.linear_qkv.qx(h).view(h.shape[0], -1, self.head_dim))
 
-        The caption K/V projection runs per window over the padded captions (row counts do not
-        depend on other windows or on caption lengths), then the valid tokens are kept."""
-        q = self.q_layernorm_xattn(self.linear_qkv.qx(h).view(h.shape[0], -1, self.head_dim))
+    def cross_kv(self, ctx: LayerContext, groups: range | None = None) -> KV:
+        """Caption K/V of the valid caption tokens, (Ny, G, Dh) each (only ``groups`` when given).
+
+        The projection runs per window over the padded captions (row counts do not depend on
+        other windows or on caption lengths), then the valid tokens are kept."""
         kv = torch.cat([self.linear_kv_xattn(y) for y in ctx.y_xattn])[ctx.y_valid]
         kv = kv.view(kv.shape[0], -1, 2 * self.head_dim)
-        k = self.k_layernorm_xattn(kv[..., : self.head_dim])
-        v = kv[..., self.head_dim :]
+        if groups is not None:
+            kv = kv[:, groups.start : groups.stop]
+        return self.k_layernorm_xattn(kv[..., : self.head_dim]), kv[..., self.head_dim :]
+
+    def cross(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Cross-attention of every chunk's tokens over its own caption tokens -> (S, Hq * Dh)."""
+        q = self.cross_q(h)
+        k, v = self.cross_kv(ctx)
         return ctx.attention.attend(q, k, v, ctx.cross_attn).reshape(h.shape[0], -1)
 
     def forward(self, hidden: torch.Tensor, ctx: LayerContext, layer: int) -> tuple[torch.Tensor, torch.Tensor, KV]:
         """Writes the window's K/V into the key buffer of layer ``layer`` at ``ctx.kv_index``,
         then attends over the buffer in place. Returns (self-attention out (S, Hq*Dh),
-        cross-attention out (S, Hq*Dh), the window (k, v) (S, G, Dh) each)."""
+        cross-attention out (S, Hq*Dh), the window (k, v) (S, G, Dh) each).
+        With ``ctx.cp`` set, runs :meth:`forward_cp`."""
+        if ctx.cp is not None:
+            return self.forward_cp(hidden, ctx, layer)
         h = self.linear_qkv.layer_norm(hidden)
         k, v = self.self_kv(h, ctx)
         q = self._norm_rope(self.linear_qkv.q(h), self.q_layernorm, ctx)
@@ -138,6 +154,28 @@ class FullyParallelAttention(nn.Module):
         v_buf.index_copy_(0, ctx.kv_index, v.to(v_buf.dtype))
         core = ctx.attention.attend(q, k_buf, v_buf, ctx.self_attn).reshape(h.shape[0], -1)
         return core, self.cross(h, ctx), (k, v)
+
+    def forward_cp(self, hidden: torch.Tensor, ctx: LayerContext, layer: int) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """Context-parallel :meth:`forward` (Ulysses, ``ctx.cp``): projections on the L local
+        tokens, all-to-all to (n, Hq / cp) heads ([q | qx] and [k | v] each in one exchange), K/V
+        of this rank's groups written at ``ctx.kv_index``, self- and cross-attention over all n
+        tokens with this rank's heads, all-to-all back. Returns (L, Hq*Dh) self- and
+        cross-attention outputs and the written (k, v), (n, g, Dh) each."""
+        cp, d = ctx.cp, self.head_dim
+        h = self.linear_qkv.layer_norm(hidden)
+        k, v = self.self_kv(h, ctx)
+        q = self._norm_rope(self.linear_qkv.q(h), self.q_layernorm, ctx)
+        qq = cp.to_heads(torch.cat([q, self.cross_q(h).to(q.dtype)], dim=-1))
+        kv = cp.kv_to_heads(torch.cat([k, v.to(k.dtype)], dim=-1))
+        k, v = kv[..., :d], kv[..., d:]
+        k_buf, v_buf = ctx.kv.layer(layer)
+        k_buf.index_copy_(0, ctx.kv_index, k.to(k_buf.dtype))
+        v_buf.index_copy_(0, ctx.kv_index, v.to(v_buf.dtype))
+        core = ctx.attention.attend(qq[..., :d], k_buf, v_buf, ctx.self_attn)
+        xk, xv = self.cross_kv(ctx, cp.kv_groups[cp.cp_rank])
+        cross = ctx.attention.attend(qq[..., d:], xk, xv, ctx.cross_attn)
+        out = cp.to_tokens(torch.cat([core, cross.to(core.dtype)], dim=-1))
+        return out[..., :d].reshape(h.shape[0], -1), out[..., d:].reshape(h.shape[0], -1), (k, v)
 
 
 class CustomMLP(nn.Module):

@@ -41,13 +41,13 @@ import torch.nn as nn
 
 from stages.config import DiTConfig
 from stages.dit.attention import RangeAttention, default_backend
-from stages.dit.embed import (CaptionEmbedder, FinalLinear, FusedLayerNorm, LearnableRotaryEmbeddingCat, TimestepEmbedder,
-                              apply_rotary)
+from stages.dit.embed import (CaptionEmbedder, FinalLinear, FusedLayerNorm, LearnableRotaryEmbeddingCat, RopeShift,
+                              TimestepEmbedder, rope_time_shift)
 from stages.dit.layers import KV, LayerContext, TransformerLayer
-from stages.dit.packed import DenseKV, KVBuffers, PackedWindow, packed_layout
+from stages.dit.packed import DenseKV, KVBuffers, PackedWindow
+from stages.dit.step import LATENT_CHANNELS, AbsentLayer, pack_step
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LATENT_CHANNELS = 16
 
 
 @dataclass
@@ -125,6 +125,7 @@ class MagiDiT(nn.Module):
         self.rope = LearnableRotaryEmbeddingCat(cfg.hidden_size // cfg.num_attention_heads)
         self.videodit_blocks = TransformerBlock(cfg, dtype)
         self.final_linear = FinalLinear(cfg)
+        self.mesh = None  # stages.parallel.mesh.ParallelMesh after shard()
 
     @property
     def device(self) -> torch.device:
@@ -134,7 +135,42 @@ class MagiDiT(nn.Module):
     @property
     def params_dtype(self) -> torch.dtype:
         """dtype of the transformer-block weights (the reference ``params_dtype``)."""
-        return self.videodit_blocks.layers[0].mlp.linear_fc1.weight.dtype
+        layer = next(m for m in self.videodit_blocks.layers if isinstance(m, TransformerLayer))
+        return layer.mlp.linear_fc1.weight.dtype
+
+    # ----- parallelism ------------------------------------------------------------
+    def keep_layers(self, layers: range) -> "MagiDiT":
+        """Replace every layer outside ``layers`` (global indices) by an :class:`AbsentLayer`
+        (its weights leave the model and its ``state_dict``). Returns self.
+
+        Raises:
+            ValueError: ``layers`` outside [0, num_layers) or empty.
+        """
+        if not layers or layers.start < 0 or layers.stop > self.cfg.num_layers:
+            raise ValueError(f"layers {layers} outside the model's {self.cfg.num_layers} layers")
+        blocks = self.videodit_blocks.layers
+        for i in range(len(blocks)):
+            if i not in layers and not isinstance(blocks[i], AbsentLayer):
+                blocks[i] = AbsentLayer(i)
+        return self
+
+    def shard(self, mesh) -> "MagiDiT":
+        """Keep only ``mesh.layers`` and run :meth:`forward_packed` as this rank's part of the
+        mesh (:class:`stages.parallel.mesh.ParallelMesh`). Returns self.
+
+        Raises:
+            ValueError: the heads / KV groups cannot be split ``cp_size`` ways (names cp_size);
+                a layer of ``mesh.layers`` is not held (loaded for another stage).
+        """
+        from stages.parallel.mesh import check_groups  # noqa: PLC0415 (stages.parallel imports this module)
+
+        check_groups(mesh.shape.cp_size, self.cfg.num_query_groups, self.cfg.num_attention_heads)
+        missing = [i for i in mesh.layers if isinstance(self.videodit_blocks.layers[i], AbsentLayer)]
+        if missing:
+            raise ValueError(f"layers {missing} of pipeline stage {mesh.stage} are not loaded")
+        self.keep_layers(mesh.layers)
+        self.mesh = mesh
+        return self
 
     def promote_high_precision(self) -> "MagiDiT":
         """Cast q/k LayerNorms, post-norms and the final LayerNorm to float32 (reference
@@ -207,6 +243,8 @@ class MagiDiT(nn.Module):
                 a key range outside [0, history + window tokens].
         """
         cfg = self.cfg
+        if self.mesh is not None:
+            raise RuntimeError("MagiDiT.forward is single-process; a sharded model runs forward_packed")
         k_chunks = int(inp.t.shape[0])
         if inp.x.ndim != 4:
             raise ValueError(f"x must be (C, T, H, W), got {tuple(inp.x.shape)}")
@@ -255,32 +293,29 @@ class MagiDiT(nn.Module):
         """
         if not windows:
             return []
-        embedded, tpcs, shapes, ropes, conds, ys = [], [], [], [], [], []
-        for w in windows:
-            segments = w.check()
-            x = self.embed_x(w.x)
-            _, _, tp, hp, wp = x.shape
-            frames = tp // w.k
-            tpcs.append(frames * hp * wp)
-            shapes.append((tp, hp, wp))
-            embedded.append(x[0].flatten(1).transpose(0, 1))
-            ropes.append(self.rope_rows(segments, frames, hp, wp))
-            conds.append(self.condition(w.t.float(), w.caption_dropout, w.distill_dt).to(self.params_dtype))
-            ys.append(self.y_embedder.xattn(w.y.to(self.device, torch.float32)).flatten(0, 1).to(self.params_dtype))
-        lay = packed_layout(windows, tpcs, kv.num_tokens, cross_per_chunk)
-        hidden = torch.cat(embedded).to(self.params_dtype).contiguous()  # (S, D), S = windows x (T H W)
-        del embedded
-        sin, cos = torch.cat(ropes).to(hidden.device).tensor_split(2, dim=-1)
-        dev = self.device
+        if self.mesh is not None:
+            from stages.parallel.pipeline import pipeline_forward  # noqa: PLC0415 (imports this module)
+
+            return pipeline_forward(self, windows, kv, cross_per_chunk)
+        step = pack_step(self, windows, kv.num_tokens, cross_per_chunk)
+        hidden, lay, dev = step.hidden, step.layout, self.device
         ctx = LayerContext(
-            rope_sin=sin, rope_cos=cos, token_chunk=lay.token_chunk.to(dev), conditions=conds,
-            self_attn=self.attention.prepare(lay.self_spec, dev), cross_attn=self.attention.prepare(lay.cross_spec, dev),
-            kv_index=lay.kv_index.to(dev), kv=kv, y_xattn=ys, y_valid=lay.y_valid.to(dev), attention=self.attention,
+            rope_sin=step.rope_sin, rope_cos=step.rope_cos, token_chunk=lay.token_chunk.to(dev),
+            conditions=step.conditions, self_attn=self.attention.prepare(lay.self_spec, dev),
+            cross_attn=self.attention.prepare(lay.cross_spec, dev), kv_index=lay.kv_index.to(dev), kv=kv,
+            y_xattn=step.y_xattn, y_valid=lay.y_valid.to(dev), attention=self.attention,
         )
         for n, layer in enumerate(self.videodit_blocks.layers):
             hidden, _ = layer(hidden, ctx, n)
+        return self.unpatchify_windows(self.head(hidden), step.shapes)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(S, D) last-layer hidden states -> (S, pt*p*p*C) float32: final LayerNorm + final linear."""
         hidden = self.videodit_blocks.final_layernorm(hidden.float())
-        out = self.final_linear(hidden.float())
+        return self.final_linear(hidden.float())
+
+    def unpatchify_windows(self, out: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """(S, pt*p*p*C) packed output -> per window (C, T, H, W) velocity (:meth:`_unpatchify`)."""
         velocities, start = [], 0
         for (tp, hp, wp) in shapes:
             n = tp * hp * wp
@@ -289,15 +324,13 @@ class MagiDiT(nn.Module):
         return velocities
 
     def rope_time_shift(self, k: torch.Tensor, frames: int) -> torch.Tensor:
-        """Move post-RoPE keys ``frames`` latent frames earlier in time: rotates the time bands
-        of (S, G, Dh) keys by ``-frames * band`` (RoPE composes, R(p - d) = R(-d) R(p); the h/w
-        bands are untouched). Used to re-base cached keys (engine RoPE position policy).
-        Returns float32-computed keys in ``k``'s dtype."""
-        nb = self.rope.bands.shape[0]
-        ang = torch.zeros(3, nb, device=k.device)
-        ang[0] = -float(frames) / max(1, self.cfg.t_patch_size) * self.rope.bands.detach().float().to(k.device)
-        row = ang.reshape(1, -1)
-        return apply_rotary(k.float(), row.sin(), row.cos()).to(k.dtype)
+        """Move post-RoPE keys (S, G, Dh) ``frames`` latent frames earlier in time
+        (:func:`stages.dit.embed.rope_time_shift` with this model's bands)."""
+        return rope_time_shift(k, self.rope.bands.detach().float(), frames, self.cfg.t_patch_size)
+
+    def rope_shift(self, frames: int) -> RopeShift:
+        """Picklable ``k -> rope_time_shift(k, frames)`` (for the ranks of a parallel mesh)."""
+        return RopeShift(tuple(self.rope.bands.detach().float().cpu().tolist()), int(frames), self.cfg.t_patch_size)
 
     def _unpatchify(self, out: torch.Tensor, tp: int, hp: int, wp: int) -> torch.Tensor:
         """(S, pt*p*p*C) -> (C, T, H, W) (reference ``unpatchify``), then the

@@ -11,6 +11,7 @@ reference variant folders ``inference_weight[.fp8][.distill]``; we also accept a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "INDEX_NAME", "SINGLE_NAME", "CheckpointMismatch", "checkpoint_files", "init_tiny_weights", "load_dit",
     "resolve_checkpoint", "write_tiny_checkpoint",
 ]
+_LAYER_KEY = re.compile(r"^videodit_blocks\.layers\.(\d+)\.")
 _HIGH_PRECISION = ("q_layernorm.", "k_layernorm.", "self_attn_post_norm.", "mlp_post_norm.", "final_layernorm.")
 
 
@@ -62,8 +64,23 @@ def _target_dtype(key: str, model_dtype: torch.dtype, dtype: torch.dtype, fixed:
     return dtype
 
 
+def _without_other_layers(files: dict[str, list[str]], layers: range, num_layers: int) -> dict[str, list[str]]:
+    """``files`` without the keys of layers in [0, num_layers) outside ``layers`` (keys of
+    out-of-range layers stay, so the layout check reports them)."""
+    out = {}
+    for shard, keys in files.items():
+        kept = []
+        for key in keys:
+            m = _LAYER_KEY.match(key)
+            if m is None or int(m.group(1)) in layers or int(m.group(1)) >= num_layers:
+                kept.append(key)
+        out[shard] = kept
+    return out
+
+
 def load_dit(
-    ckpt_dir_or_file: Path, cfg: DiTConfig, device="cpu", dtype: torch.dtype = torch.float32, *, distill: bool = False
+    ckpt_dir_or_file: Path, cfg: DiTConfig, device="cpu", dtype: torch.dtype = torch.float32, *, distill: bool = False,
+    layers: range | None = None,
 ) -> MagiDiT:
     """Build a :class:`MagiDiT` on the meta device and fill it shard by shard (strict).
 
@@ -79,6 +96,10 @@ def load_dit(
         device: where the weights go.
         dtype: dtype of the transformer-block weights.
         distill: pick ``inference_weight[.fp8].distill`` when given a model root.
+        layers: global indices of the transformer layers to load (a pipeline stage's, see
+            :func:`stages.parallel.weights.stage_layers`); the other layers are
+            :class:`stages.dit.step.AbsentLayer` and their checkpoint keys are not read.
+            Embedders, RoPE, final LayerNorm and final linear are always loaded. None: all.
 
     Returns:
         the model in eval mode with ``requires_grad`` off.
@@ -92,6 +113,9 @@ def load_dit(
     files = checkpoint_files(path)
     with torch.device("meta"):
         model = MagiDiT(cfg)
+    if layers is not None:
+        model.keep_layers(layers)
+        files = _without_other_layers(files, layers, cfg.num_layers)
     model_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     fixed = fp8_param_keys(model)
     _check_layout(files, expected_layout(model), path)
