@@ -127,10 +127,12 @@ class FullyParallelAttention(nn.Module):
 
         The projection runs per window over the padded captions (row counts do not depend on
         other windows or on caption lengths), then the valid tokens are kept."""
-        kv = torch.cat([self.linear_kv_xattn(y) for y in ctx.y_xattn])[ctx.y_valid]
+        if groups is None:
+            kv = torch.cat([self.linear_kv_xattn(y) for y in ctx.y_xattn])[ctx.y_valid]
+        else:  # only the output rows of these groups: (tokens, groups, [k | v]) layout
+            w = self.linear_kv_xattn.weight[groups.start * 2 * self.head_dim : groups.stop * 2 * self.head_dim]
+            kv = torch.cat([F.linear(y, w) for y in ctx.y_xattn])[ctx.y_valid]
         kv = kv.view(kv.shape[0], -1, 2 * self.head_dim)
-        if groups is not None:
-            kv = kv[:, groups.start : groups.stop]
         return self.k_layernorm_xattn(kv[..., : self.head_dim]), kv[..., self.head_dim :]
 
     def cross(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
