@@ -94,6 +94,7 @@ def main() -> None:
         ckpt, chunks, steps, mode = args.child
         print(json.dumps(child(ckpt, int(chunks), int(steps), mode)))
         return
+    from cluster.units import format_bytes
     from stages.config import magi_tiny
     from stages.dit.weights import write_tiny_checkpoint
 
@@ -111,9 +112,9 @@ def main() -> None:
                                      capture_output=True, text=True, check=True, env=env)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 results[(mode, n)] = r
-                print(f"{mode:10s} {n:3d} chunks: KV pool of the job {r['kv_region_bytes'] / 2**20:7.2f} MiB, "
-                      f"clean K/V held at peak {r['kv_held_bytes'] / 2**20:7.2f} MiB, "
-                      f"peak RSS {r['peak_rss_bytes'] / 2**20:7.1f} MiB, {r['wall_s']:.1f} s", flush=True)
+                print(f"{mode:10s} {n:3d} chunks: KV pool of the job {format_bytes(r['kv_region_bytes'], 'MiB', 2, 7)}, "
+                      f"clean K/V held at peak {format_bytes(r['kv_held_bytes'], 'MiB', 2, 7)}, "
+                      f"peak RSS {format_bytes(r['peak_rss_bytes'], 'MiB', 1, 7)}, {r['wall_s']:.1f} s", flush=True)
     lo, hi = min(args.lengths), max(args.lengths)
     malloc = "default malloc" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=1MiB"
     print(f"\nmagi-tiny {cfg.height}x{cfg.width}, {steps} steps, CFG {cfg.sampling.cfg_number}, {malloc}; "

@@ -17,9 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cluster.units import MiB
 from stages.config import PRESETS, ModelConfig, load_preset
-
-MiB = 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -119,6 +118,24 @@ class ParallelSettings(_Strict):
     micro_batches: int | None = Field(None, gt=0, description="pipeline micro-batches per forward; "
                                       "None = 2 * pp_size (chunk-aligned)")
     init_timeout_s: float = Field(120.0, gt=0, description="seconds the ranks wait for each other at start-up")
+    gpu: str = Field("auto", description="device the replica is planned for (cluster.capacity.replica): auto = "
+                     "the CUDA device torch reports (known board by name, else its total memory) or, without "
+                     "CUDA, host memory; cpu = host memory; or a GPU type key of cluster.capacity.gpus.GPUS")
+    kv_pool_fraction: float = Field(0.9, gt=0, le=1, description="share of the memory left after weights, "
+                                    "activations and overheads given to the engine's KV pool")
+    plan_height: int | None = Field(None, gt=0, description="video height (pixels) the KV pool and activations "
+                                    "are planned for; None = the model's default")
+    plan_width: int | None = Field(None, gt=0, description="video width (pixels) planned for; None = the model's default")
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, value: str) -> str:
+        from cluster.capacity.gpus import GPUS  # noqa: PLC0415 (cluster.capacity imports this module)
+
+        value = value.lower()
+        if value not in ("auto", "cpu", *GPUS):
+            raise ValueError(f"unknown device {value!r}; known: auto, cpu, {', '.join(sorted(GPUS))}")
+        return value
 
     @property
     def world_size(self) -> int:

@@ -48,6 +48,13 @@ class DiTConfig(_Frozen):
         "(see stages.dit.fp8)",
     )
 
+    def tokens_per_chunk(self, frames: int, h: int, w: int) -> int:
+        """Tokens of one chunk of ``frames`` latent frames of size (h, w) latent pixels:
+        ``(frames / t_patch_size) * (h / patch_size) * (w / patch_size)`` (reference
+        ``PatchEmbed``). The KV pool's block is one chunk at the model's default size."""
+        p, pt = self.patch_size, self.t_patch_size
+        return (frames // pt) * (h // p) * (w // p)
+
     @model_validator(mode="after")
     def _check(self) -> "DiTConfig":
         if self.num_attention_heads % self.num_query_groups:

@@ -7,6 +7,7 @@ the field; nothing a job brings can fail later inside a shared engine step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from cluster.messages import EngineJob
 from cluster.scheduler.chunk_scheduler import ChunkScheduler
 from cluster.scheduler.chunks import prefix_split
 from cluster.scheduler.plan import StepResult
-from stages.config import ModelConfig
+from stages.config import ModelConfig, SamplingConfig
 from stages.dit.model import LATENT_CHANNELS, MagiDiT
 from stages.errors import InvalidInput
 from stages.sampling import init_intervals, init_t
@@ -51,6 +52,25 @@ class JobState:
     @property
     def job_id(self) -> str:
         return self.ctx.job_id
+
+
+def job_blocks(areas: KVAreas, tokens_per_chunk: int, block_tokens: int) -> int:
+    """KV-pool blocks of a job's region: ``ceil(areas.total * tokens_per_chunk / block_tokens)``."""
+    return math.ceil(areas.total * tokens_per_chunk / block_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def default_job_areas(sp: SamplingConfig, prefix_chunks: int = 0) -> KVAreas:
+    """KV areas (:func:`cluster.engine.kv_layout.kv_areas`) of an endless T2V job at the
+    default step count (a 16-chunk job when the KV ranges are unbounded), or of a V2V job
+    bringing ``prefix_chunks`` whole prefix chunks: what the engine reserves per job."""
+    sched = ChunkScheduler(
+        num_chunks=None if sp.noise2clean_kvrange else 16, window_size=sp.window_size, num_steps=sp.num_steps,
+        t_schedule=init_t(sp.num_steps, sp.shortcut_mode).tolist(),
+        distill_intervals=init_intervals(sp.num_steps, sp.shortcut_mode), chunk_offset=prefix_chunks,
+        noise2clean_kvrange=sp.noise2clean_kvrange, clean_chunk_kvrange=sp.clean_chunk_kvrange, clean_t=sp.clean_t,
+    )
+    return kv_areas(sched.spec, sp.cfg_number, keep_all=False)
 
 
 class JobPreparer:
@@ -105,22 +125,15 @@ class JobPreparer:
         except ValueError as err:
             raise InvalidInput("num_chunks", str(err)) from err
         tpc = self.dit.tokens_per_chunk(sp.chunk_width, h, w)
-        return JobState(ctx, sched, areas, math.ceil(areas.total * tpc / self.block_tokens))
+        return JobState(ctx, sched, areas, job_blocks(areas, tpc, self.block_tokens))
 
     def default_blocks(self) -> int:
-        """Pool blocks of an endless T2V job at the model's default size and step count (a
-        16-chunk job when the KV ranges are unbounded)."""
+        """Pool blocks of an endless T2V job at the model's default size and step count
+        (:func:`default_job_areas`, :func:`job_blocks`)."""
         mc, sp = self.model_cfg, self.model_cfg.sampling
-        sched = ChunkScheduler(
-            num_chunks=None if sp.noise2clean_kvrange else 16, window_size=sp.window_size, num_steps=sp.num_steps,
-            t_schedule=init_t(sp.num_steps, sp.shortcut_mode).tolist(),
-            distill_intervals=init_intervals(sp.num_steps, sp.shortcut_mode),
-            noise2clean_kvrange=sp.noise2clean_kvrange, clean_chunk_kvrange=sp.clean_chunk_kvrange, clean_t=sp.clean_t,
-        )
-        areas = kv_areas(sched.spec, sp.cfg_number, keep_all=False)
         f = mc.vae_spatial_factor
-        return math.ceil(areas.total * self.dit.tokens_per_chunk(sp.chunk_width, mc.height // f, mc.width // f)
-                         / self.block_tokens)
+        tpc = self.dit.tokens_per_chunk(sp.chunk_width, mc.height // f, mc.width // f)
+        return job_blocks(default_job_areas(sp), tpc, self.block_tokens)
 
     @staticmethod
     def fast_forward(sched: ChunkScheduler, steps_done: int, prefix_done: bool) -> None:

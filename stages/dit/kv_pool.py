@@ -67,11 +67,18 @@ class KVPool:
         """(k, v) of layer ``i``, each (num_tokens, G, Dh): the packed key buffer."""
         return self._k[i], self._v[i]
 
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_groups: int, head_dim: int, element_size: int) -> int:
+        """Bytes of one token's K and V over ``num_layers`` layers of (G, Dh) elements of
+        ``element_size`` bytes: ``2 * num_layers * G * Dh * element_size`` (what a pool of these
+        dimensions holds per token; the fit planner sizes pools with it)."""
+        return 2 * num_layers * num_groups * head_dim * element_size
+
     @property
     def token_bytes(self) -> int:
-        """Bytes of one token's K and V over all layers."""
+        """Bytes of one token's K and V over all layers (:meth:`bytes_per_token`)."""
         t = self._k[0]
-        return 2 * self.num_layers * t.shape[1] * t.shape[2] * t.element_size()
+        return self.bytes_per_token(self.num_layers, t.shape[1], t.shape[2], t.element_size())
 
     @property
     def nbytes(self) -> int:

@@ -271,9 +271,9 @@ class MagiDiT(nn.Module):
         return DiTOutput(velocity=velocity, kv=kv_out)
 
     def tokens_per_chunk(self, frames: int, h: int, w: int) -> int:
-        """Tokens of one chunk of ``frames`` latent frames of size (h, w) latent pixels."""
-        p, pt = self.cfg.patch_size, self.cfg.t_patch_size
-        return (frames // pt) * (h // p) * (w // p)
+        """Tokens of one chunk of ``frames`` latent frames of size (h, w) latent pixels
+        (:meth:`stages.config.DiTConfig.tokens_per_chunk`)."""
+        return self.cfg.tokens_per_chunk(frames, h, w)
 
     def forward_packed(self, windows: list[PackedWindow], kv: KVBuffers, cross_per_chunk: bool = True) -> list[torch.Tensor]:
         """One forward over several windows packed as variable-length sequences.

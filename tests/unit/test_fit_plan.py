@@ -1,19 +1,26 @@
-"""Fit planner: KV sharding, monotonicity, admission arithmetic, errors and the reference README claims."""
+"""Fit planner: the engine's KV pool per rank, monotonicity, admission arithmetic, errors and the
+reference README claims."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cluster.capacity import DoesNotFit, FitSettings, GpuSpec, check_fits, get_gpu, plan_fit
+from cluster.capacity.gpus import GPUS
+from cluster.engine.kv_layout import KVAreas
+from cluster.engine.prepare import default_job_areas
+from cluster.units import GiB
 from stages.config import load_preset
+from stages.dit.kv_pool import KVPool
 from stages.errors import InvalidInput
-from stages.parallel import DoesNotFit, FitSettings, GpuSpec, check_fits, get_gpu, plan_fit
-from stages.parallel.gpus import GPUS, GiB
 
 M24, M45 = load_preset("magi-24B-base"), load_preset("magi-4.5B-base")
 PRESETS = ["magi-4.5B-base", "magi-4.5B-distill", "magi-4.5B-distill-fp8",
            "magi-24B-base", "magi-24B-distill", "magi-24B-distill-fp8"]
+ONE = dict(jobs_per_forward=1)  # activations of one job per forward (fixed, not solved)
 
 
 def per_gpu_bytes(plan) -> int:
@@ -21,14 +28,25 @@ def per_gpu_bytes(plan) -> int:
     return plan.weights_bytes + plan.activation_bytes + plan.gpu_bytes_per_job
 
 
-def test_kv_per_job_follows_the_ring_and_window_formula():
-    tpc = 6 * (720 // 16) * (1280 // 16)  # chunk_width x patches per frame
-    kv_chunk_layer = tpc * 2 * 1 * 128 * 2  # K and V, 1 KV head per rank at cp 8, head dim 128, bf16
-    ring = max(M24.sampling.noise2clean_kvrange) - 1
-    contiguous = plan_fit(M24, "h100-80gb-sxm", FitSettings(cp_size=8, kv_layout="contiguous"))
-    assert contiguous.kv_bytes_per_job == (ring + M24.sampling.window_size) * 48 * kv_chunk_layer
-    engine = plan_fit(M24, "h100-80gb-sxm", FitSettings(cp_size=8))
-    assert engine.kv_bytes_per_job == (ring + 1) * 48 * kv_chunk_layer
+@pytest.mark.parametrize("preset,chunks", [("magi-24B-base", 14), ("magi-24B-distill", 6)])
+def test_kv_per_job_is_the_engine_region(preset, chunks):
+    """cfg_number 3: [ring | window] + text window + uncond = 5 + 5 + 4; distilled: 5 + 1 extra."""
+    model = load_preset(preset)
+    plan = plan_fit(model, "h100-80gb-sxm", FitSettings(cp_size=8))
+    assert plan.kv.areas == default_job_areas(model.sampling) and plan.kv.areas.total == chunks
+    tpc = 6 * (720 // 16) * (1280 // 16)  # chunk_width x patches per frame = the block at the default size
+    assert plan.kv.block_tokens == tpc and plan.kv.blocks_per_job == chunks
+    assert plan.kv_bytes_per_job == chunks * tpc * 48 * 2 * 1 * 128 * 2  # 48 layers, K+V, 1 group/rank, Dh, bf16
+    rank_pool = KVPool(num_layers=48, num_blocks=1, block_tokens=1, num_groups=1, head_dim=128, dtype=torch.bfloat16)
+    assert plan.kv.token_bytes == rank_pool.token_bytes  # the engine's own pool, one token
+
+
+def test_smaller_jobs_take_whole_blocks_of_the_default_chunk():
+    plan = plan_fit(M45, "h200", FitSettings(height=384, width=384))
+    tpc = 6 * 24 * 24
+    assert plan.kv.block_tokens == 6 * 45 * 45 and plan.kv.tokens_per_chunk == tpc
+    assert plan.kv.blocks_per_job == -(-14 * tpc // plan.kv.block_tokens) == 4
+    assert plan.kv_pool_blocks == plan.max_concurrent_jobs * 4
 
 
 def test_kv_is_sharded_by_head_group_and_replicated_beyond_it():
@@ -40,7 +58,7 @@ def test_kv_is_sharded_by_head_group_and_replicated_beyond_it():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_more_cp_means_fewer_bytes_per_gpu(preset):
     model = load_preset(preset)
-    plans = [plan_fit(model, "h200", FitSettings(cp_size=cp)) for cp in (1, 2, 4, 8)]
+    plans = [plan_fit(model, "h200", FitSettings(cp_size=cp, **ONE)) for cp in (1, 2, 4, 8)]
     assert len({p.weights_bytes for p in plans}) == 1  # every cp rank holds the full stage
     for a, b in zip(plans, plans[1:]):
         assert b.activation_bytes < a.activation_bytes
@@ -58,14 +76,18 @@ def test_more_pp_means_fewer_weight_and_kv_bytes(preset):
 
 @settings(max_examples=40, deadline=None)
 @given(preset=st.sampled_from(PRESETS), h=st.integers(10, 60), w=st.integers(10, 90), dh=st.integers(1, 20),
-       cp=st.sampled_from([1, 2, 4, 8]), layout=st.sampled_from(["ring", "contiguous"]))
-def test_higher_resolution_means_more_activation_and_kv_bytes(preset, h, w, dh, cp, layout):
+       cp=st.sampled_from([1, 2, 4, 8]), solved=st.booleans())
+def test_higher_resolution_means_more_activation_and_kv_bytes(preset, h, w, dh, cp, solved):
     model = load_preset(preset)
-    small = plan_fit(model, "h100-80gb-sxm", FitSettings(height=16 * h, width=16 * w, cp_size=cp, kv_layout=layout))
-    big = plan_fit(model, "h100-80gb-sxm", FitSettings(height=16 * (h + dh), width=16 * w, cp_size=cp, kv_layout=layout))
+    extra = {} if solved else ONE
+    small = plan_fit(model, "h100-80gb-sxm", FitSettings(height=16 * h, width=16 * w, cp_size=cp, **ONE))
+    big = plan_fit(model, "h100-80gb-sxm", FitSettings(height=16 * (h + dh), width=16 * w, cp_size=cp, **ONE))
     assert big.activation_bytes > small.activation_bytes
-    assert big.kv_bytes_per_job > small.kv_bytes_per_job
-    assert big.max_concurrent_jobs <= small.max_concurrent_jobs
+    assert big.kv_bytes_per_job >= small.kv_bytes_per_job  # whole blocks: equal within one block
+    assert big.kv.tokens_per_chunk > small.kv.tokens_per_chunk
+    small_s = plan_fit(model, "h100-80gb-sxm", FitSettings(height=16 * h, width=16 * w, cp_size=cp, **extra))
+    big_s = plan_fit(model, "h100-80gb-sxm", FitSettings(height=16 * (h + dh), width=16 * w, cp_size=cp, **extra))
+    assert big_s.max_concurrent_jobs <= small_s.max_concurrent_jobs
 
 
 @settings(max_examples=40, deadline=None)
@@ -73,16 +95,39 @@ def test_higher_resolution_means_more_activation_and_kv_bytes(preset, h, w, dh, 
        fraction=st.floats(0.1, 1.0), cp=st.sampled_from([1, 2, 4, 8]))
 def test_more_memory_means_more_jobs_and_admission_is_exact(preset, gib, extra, fraction, cp):
     model = load_preset(preset)
-    s = FitSettings(cp_size=cp, kv_pool_fraction=fraction, height=480, width=848)
+    s = FitSettings(cp_size=cp, kv_pool_fraction=fraction, height=480, width=848, **ONE)
     small = plan_fit(model, GpuSpec("x", "test GPU", gib * GiB, (9, 0)), s)
     big = plan_fit(model, GpuSpec("x", "test GPU", (gib + extra) * GiB, (9, 0)), s)
     assert big.max_concurrent_jobs >= small.max_concurrent_jobs
-    for p in (small, big):  # the pool holds exactly max_concurrent_jobs jobs, not one more
-        assert p.max_concurrent_jobs * p.gpu_bytes_per_job <= p.kv_pool_bytes < (p.max_concurrent_jobs + 1) * p.gpu_bytes_per_job
+    for p in (small, big):  # the budget holds exactly max_concurrent_jobs jobs, not one more
+        n, per = p.max_concurrent_jobs, p.gpu_bytes_per_job
+        assert n * per <= p.kv_pool_budget_bytes < (n + 1) * per
+        assert p.kv_pool_blocks == n * p.kv.blocks_per_job and p.kv_pool_bytes == n * p.kv_bytes_per_job
         assert p.fits == (p.shortfall_bytes == 0)
         assert p.fixed_bytes + p.free_bytes == p.memory_bytes
     roomy = plan_fit(model, GpuSpec("x", "test GPU", 1024 * GiB, (9, 0)), s)
     assert roomy.fits and roomy.max_concurrent_jobs > small.max_concurrent_jobs
+
+
+@settings(max_examples=25, deadline=None)
+@given(preset=st.sampled_from(PRESETS), gib=st.integers(20, 400), cap=st.one_of(st.none(), st.integers(1, 12)))
+def test_solved_plan_packs_every_admitted_job_into_one_forward(preset, gib, cap):
+    """The engine runs all active jobs in one forward: the solved plan admits j with activations
+    for j jobs, and j + 1 jobs in one forward would not fit (unless the cap stopped it)."""
+    model, gpu = load_preset(preset), GpuSpec("x", "test GPU", gib * GiB, (9, 0))
+    base = FitSettings(cp_size=8, max_active_jobs=cap)
+    plan = plan_fit(model, gpu, base)
+    j = plan.max_concurrent_jobs
+    if j == 0:
+        assert plan_fit(model, gpu, base.model_copy(update={"jobs_per_forward": 1})).max_concurrent_jobs == 0
+        return
+    assert plan.jobs_per_forward == j and (cap is None or j <= cap)
+    assert plan.fixed_bytes + j * plan.gpu_bytes_per_job <= plan.memory_bytes
+    fixed_j = plan_fit(model, gpu, base.model_copy(update={"jobs_per_forward": j}))
+    assert fixed_j.max_concurrent_jobs >= j and fixed_j.activation_bytes == plan.activation_bytes
+    if cap is None or j < cap:
+        more = plan_fit(model, gpu, base.model_copy(update={"jobs_per_forward": j + 1}))
+        assert more.max_concurrent_jobs < j + 1
 
 
 def test_shortfall_is_the_memory_that_would_admit_one_job():
@@ -138,15 +183,22 @@ def test_unknown_gpu_is_named():
     assert set(GPUS) == {"h100-80gb-sxm", "h200", "rtx-4090", "a100-80gb"}
 
 
-def test_colocated_companions_and_batched_cfg_cost_memory():
+def test_colocated_companions_batched_cfg_and_sdpa_cost_memory():
     base = plan_fit(M45, "h100-80gb-sxm")
     both = plan_fit(M45, "h100-80gb-sxm", FitSettings(colocate_text_encoder=True, colocate_vae=True))
     assert both.companion_bytes > 10 * GiB  # T5-XXL (~4.8B params) + VAE (~0.6B) in bf16
-    assert both.max_concurrent_jobs < base.max_concurrent_jobs
-    batched = plan_fit(M45, "h100-80gb-sxm", FitSettings(batch_cfg=True))
-    assert batched.shape.chunks_per_forward == 2 * 5 + 4 and batched.activation_bytes > base.activation_bytes
-    dense = plan_fit(M45, "h100-80gb-sxm", FitSettings(attention="dense"))
-    assert not dense.fits  # a dense (Sq x Sk) score matrix of a 720x720 window cannot fit
+    assert both.free_bytes == base.free_bytes - both.companion_bytes
+    assert both.max_concurrent_jobs <= base.max_concurrent_jobs
+    one = dict(jobs_per_forward=1)
+    batched = plan_fit(M45, "h100-80gb-sxm", FitSettings(**one))  # the engine's default: branches in one forward
+    sequential = plan_fit(M45, "h100-80gb-sxm", FitSettings(batch_cfg=False, **one))
+    assert batched.shape.chunks_per_forward == 2 * 5 + 4 and sequential.shape.chunks_per_forward == 5
+    assert batched.activation_bytes > sequential.activation_bytes
+    assert batched.kv_bytes_per_job == sequential.kv_bytes_per_job  # the region holds every branch either way
+    sdpa = plan_fit(M45, "h100-80gb-sxm", FitSettings(attention="sdpa", **one))
+    scores = dict(sdpa.activation_terms)["attention (sdpa, one chunk)"]
+    assert scores >= 24 * 12150 * 5 * 12150 * 2  # heads x one chunk's queries x its 5 chunks of keys, bf16
+    assert sdpa.activation_bytes > batched.activation_bytes
 
 
 def test_explain_lists_every_term_and_the_verdict():
@@ -154,15 +206,17 @@ def test_explain_lists_every_term_and_the_verdict():
     text = plan.explain()
     for name, _ in plan.activation_terms + plan.overhead_terms:
         assert name in text
-    assert "weights" in text and "KV per job" in text and f"max concurrent jobs: {plan.max_concurrent_jobs}" in text
-    assert "FITS" in text
+    assert "weights" in text and "KV per job (14 chunks: 5 main + 5 text + 4 uncond -> 14 blocks)" in text
+    assert f"max concurrent jobs: {plan.max_concurrent_jobs}" in text and "FITS" in text
+    assert f"KV pool allocated ({plan.kv_pool_blocks} blocks)" in text
 
 
 def test_reference_readme_hardware_table():
     """README "Model Zoo": the reference keeps the KV cache in host memory (kv_offload: true in
-    every shipped config). Our formulas count unfused temporaries the reference fuses, so the
-    two claims at the edge of a 24 GB / 12 GB card come within 1 GiB instead of fitting."""
-    off = dict(kv_offload=True, host_kv_gib=64)
+    every shipped config) and runs the CFG branches one after another. Our formulas count
+    unfused temporaries and the varlen key gather the reference fuses or does not need, so
+    the two claims at the edge of a 24 GB / 12 GB card come within 1.5 GiB instead of fitting."""
+    off = dict(kv_offload=True, host_kv_gib=64, batch_cfg=False)
     assert plan_fit(M45, "rtx-4090", FitSettings(**off)).fits  # 4.5B: RTX 4090 x 1, 720x720
     assert plan_fit(M24, "h100-80gb-sxm", FitSettings(cp_size=8, **off)).fits  # 24B: H100 x 8
     fp8_24 = load_preset("magi-24B-distill-fp8")
@@ -172,13 +226,15 @@ def test_reference_readme_hardware_table():
     w1 = fp8_45.model_copy(update={"sampling": fp8_45.sampling.model_copy(update={"window_size": 1})})
     small = plan_fit(w1, GpuSpec("12g", "12 GiB Ada GPU", 12 * GiB, (8, 9)), FitSettings(**off))  # ">= 12GB"
     for plan in (edge, small):
-        assert plan.fits or plan.shortfall_bytes < 1 * GiB
+        assert plan.fits or plan.shortfall_bytes < 1.5 * GiB
 
 
-def test_long_v2v_prefix_enlarges_the_largest_forward_and_the_ring():
-    base = plan_fit(M45, "h200")
-    short = plan_fit(M45, "h200", FitSettings(prefix_chunks=3))  # fits inside the window forward
+def test_long_v2v_prefix_enlarges_the_largest_forward_and_the_region():
+    seq = dict(batch_cfg=False, jobs_per_forward=1)
+    base = plan_fit(M45, "h200", FitSettings(**seq))
+    short = plan_fit(M45, "h200", FitSettings(prefix_chunks=3, **seq))  # fits inside the window forward
     assert (short.activation_bytes, short.kv_bytes_per_job) == (base.activation_bytes, base.kv_bytes_per_job)
-    long = plan_fit(M45, "h200", FitSettings(prefix_chunks=8))  # 192 prefix frames = 48 latent frames
+    long = plan_fit(M45, "h200", FitSettings(prefix_chunks=8, **seq))  # 192 prefix frames = 48 latent frames
     assert long.shape.chunks_per_forward == 8 and long.activation_bytes > base.activation_bytes
-    assert long.kv_bytes_per_job == base.kv_bytes_per_job * 8 // base.shape.kv_chunks_per_job
+    assert long.kv.areas == KVAreas(main=8, text=5, uncond=4) == default_job_areas(M45.sampling, 8)
+    assert long.kv_bytes_per_job == base.kv_bytes_per_job * 17 // 14

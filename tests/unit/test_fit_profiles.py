@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from stages.parallel import DoesNotFit
-from stages.parallel.gpus import GiB
-from stages.parallel.profiles import PROFILE_DIR, ProfileError, load_profile, load_profiles, main
+from cluster.capacity import DoesNotFit
+from cluster.capacity.profiles import PROFILE_DIR, ProfileError, load_profile, load_profiles, main
+from cluster.engine.prepare import default_job_areas
+from cluster.units import GiB
 
 SHIPPED = {  # name -> (model preset, gpu, cp_size, pp_size): the layouts issue 5 asks for
     "4.5B-1x4090": ("magi-4.5B-base", "rtx-4090", 1, 1),
@@ -22,9 +23,13 @@ def test_shipped_profiles_are_the_issue_layouts():
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_profile_fits_and_admits_a_job(name):
-    plan = load_profiles()[name].check()
+    profile = load_profiles()[name]
+    plan = profile.check()
     assert plan.fits and plan.max_concurrent_jobs >= 1
+    assert plan.jobs_per_forward == plan.max_concurrent_jobs  # every admitted job in one forward, as the engine runs
     assert plan.fixed_bytes + plan.max_concurrent_jobs * plan.gpu_bytes_per_job <= plan.memory_bytes
+    assert plan.kv.areas == default_job_areas(profile.load_model().sampling)  # the engine's KV region
+    assert plan.kv_pool_blocks == plan.max_concurrent_jobs * plan.kv.blocks_per_job
 
 
 def test_h100_profile_runs_the_reference_resolution():

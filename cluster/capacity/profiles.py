@@ -1,10 +1,10 @@
 """Deployment profiles: which model preset runs on which GPUs with which cp x pp layout.
 
 A profile is a small YAML file in ``configs/profiles/`` holding a model preset name
-(:data:`stages.config.PRESETS`), a GPU type (:data:`stages.parallel.gpus.GPUS`) and the
-:class:`~stages.parallel.fit.FitSettings` keys (``cp_size``, ``pp_size``, ``height``,
+(:data:`stages.config.PRESETS`), a GPU type (:data:`cluster.capacity.gpus.GPUS`) and the
+:class:`~cluster.capacity.fit.FitSettings` keys (``cp_size``, ``pp_size``, ``height``,
 ``width``, ``kv_pool_fraction``, ...). Unknown keys are rejected and every error names its
-key. ``python -m stages.parallel.profiles FILE...`` prints each profile's plan.
+key. ``python -m cluster.capacity.profiles FILE...`` prints each profile's plan.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError, field_validator
 
+from cluster.capacity.fit import FitPlan, FitSettings, check_fits, plan_fit
+from cluster.capacity.gpus import GPUS
 from stages.config import PRESETS, ModelConfig, load_preset
-from stages.parallel.fit import FitPlan, FitSettings, check_fits, plan_fit
-from stages.parallel.gpus import GPUS
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "profiles"
 
@@ -64,11 +64,11 @@ class DeploymentProfile(FitSettings):
         return FitSettings(**self.model_dump(include=set(FitSettings.model_fields)))
 
     def plan(self) -> FitPlan:
-        """:func:`stages.parallel.fit.plan_fit` for this profile."""
+        """:func:`cluster.capacity.fit.plan_fit` for this profile."""
         return plan_fit(self.load_model(), self.gpu, self.settings())
 
     def check(self) -> FitPlan:
-        """:func:`stages.parallel.fit.check_fits` for this profile (raises ``DoesNotFit``)."""
+        """:func:`cluster.capacity.fit.check_fits` for this profile (raises ``DoesNotFit``)."""
         return check_fits(self.load_model(), self.gpu, self.settings())
 
 

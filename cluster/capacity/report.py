@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cluster.units import format_bytes
 from stages.config import ModelConfig
 from stages.errors import InvalidInput
-from stages.parallel.gpus import GiB
 
 if TYPE_CHECKING:
-    from stages.parallel.fit import FitPlan
+    from cluster.capacity.fit import FitPlan
 
 MAX_GPUS_SEARCHED = 16
 RESOLUTION_SCALES = (0.75, 2 / 3, 0.5)
 
 
-def _gib(n: int) -> str:
-    return f"{n / GiB:8.2f}"
+def _gib(n: int, digits: int = 1) -> str:
+    """``n`` bytes in GiB for the plan's prose (:func:`cluster.units.format_bytes`)."""
+    return format_bytes(n, "GiB", digits)
 
 
 def headline(plan: FitPlan) -> str:
@@ -27,27 +28,34 @@ def headline(plan: FitPlan) -> str:
 
 def explain(plan: FitPlan) -> str:
     """Multi-line table of every term in GiB per GPU, the KV pool and the verdict."""
-    sh, s = plan.shape, plan.settings
-    lines = [headline(plan), f"{'per GPU':<66}{'GiB':>8}"]
+    sh, s, kv = plan.shape, plan.settings, plan.kv
+    lines = [headline(plan), "per rank (host memory)" if plan.gpu.kind == "cpu" else "per GPU"]
 
     def row(label: str, n: int, indent: int = 2) -> None:
-        lines.append(f"{' ' * indent}{label:<{66 - indent}}{_gib(n)}")
+        lines.append(f"{' ' * indent}{label:<{70 - indent}}{format_bytes(n, 'GiB', 2, 8)}")
 
     row(f"weights (heaviest of {s.pp_size} stage(s), {sh.layers_per_stage} layers)", plan.weights_bytes)
-    row(f"activations ({sh.tokens_per_rank} tokens/rank, {sh.chunks_per_forward} chunks/forward)", plan.activation_bytes)
+    row(f"activations ({plan.jobs_per_forward} job(s)/forward, {sh.chunks_per_forward} chunks,"
+        f" {sh.tokens_per_rank} tokens/rank" + (f", {sh.micro_batches} micro-batches" if sh.micro_batches > 1 else "")
+        + ")", plan.activation_bytes)
     for name, n in plan.activation_terms:
         row(name, n, 4)
     for name, n in plan.companion_terms + plan.overhead_terms:
         row(name, n)
     row("= fixed", plan.fixed_bytes)
     row(f"device memory ({plan.gpu.description})", plan.memory_bytes)
-    row("free for the KV pool", plan.free_bytes)
-    row("KV pool (host memory, kv_offload)" if s.kv_offload else f"KV pool ({s.kv_pool_fraction:.0%} of free)",
-        plan.kv_pool_bytes)
-    row(f"KV per job ({sh.kv_chunks_per_job} chunks x {sh.tokens_per_chunk} tokens x {sh.layers_per_stage} layers"
-        f" x {sh.kv_heads_per_rank} KV heads)", plan.kv_bytes_per_job)
-    row("GPU bytes per job (KV on GPU + latents)", plan.gpu_bytes_per_job)
-    verdict = "FITS" if plan.fits else f"DOES NOT FIT (short by {plan.shortfall_bytes / GiB:.2f} GiB per GPU)"
+    row("free", plan.free_bytes)
+    row("KV budget (host memory, kv_offload)" if s.kv_offload else f"KV budget ({s.kv_pool_fraction:.0%} of free)",
+        plan.kv_pool_budget_bytes)
+    a = kv.areas
+    parts = " + ".join(f"{n} {name}" for name, n in (("main", a.main), ("text", a.text), ("uncond", a.uncond),
+                                                      ("extra", a.extra)) if n)
+    row(f"KV per job ({a.total} chunks: {parts} -> {kv.blocks_per_job} blocks)", plan.kv_bytes_per_job)
+    lines.append(f"    block = {kv.block_tokens} tokens x {kv.layers_per_rank} layers x {kv.groups_per_rank} KV groups"
+                 f" x {kv.head_dim} x K,V = {format_bytes(kv.block_bytes, 'MiB')}")
+    row("GPU bytes per job (KV region on GPU + latents)", plan.gpu_bytes_per_job)
+    row(f"KV pool allocated ({plan.kv_pool_blocks} blocks)", plan.kv_pool_bytes)
+    verdict = "FITS" if plan.fits else f"DOES NOT FIT (short by {_gib(plan.shortfall_bytes, 2)} per GPU)"
     lines.append(f"max concurrent jobs: {plan.max_concurrent_jobs}  -> {verdict}")
     lines.extend(f"problem: {p}" for p in plan.problems)
     return "\n".join(lines)
@@ -58,11 +66,11 @@ def _outcome(plan: FitPlan) -> str:
         return f"fits, {plan.max_concurrent_jobs} job(s)"
     if plan.problems:
         return "; ".join(plan.problems)
-    return f"short by {plan.shortfall_bytes / GiB:.1f} GiB"
+    return f"short by {_gib(plan.shortfall_bytes)}"
 
 
 def _try(model: ModelConfig, plan: FitPlan, **changes) -> FitPlan | None:
-    from stages.parallel.fit import plan_fit
+    from cluster.capacity.fit import plan_fit  # noqa: PLC0415
 
     try:
         return plan_fit(model, plan.gpu, plan.settings.model_copy(update=changes))
@@ -105,7 +113,7 @@ def _candidates(model: ModelConfig, plan: FitPlan) -> list[tuple[str, ModelConfi
         out.append((f"resolution {h}x{w}", model, {"height": h, "width": w}))
     if s.batch_cfg:
         out.append(("batch_cfg false", model, {"batch_cfg": False}))
-    if s.jobs_per_forward > 1:
+    if s.jobs_per_forward is not None and s.jobs_per_forward > 1:
         out.append(("jobs_per_forward 1", model, {"jobs_per_forward": 1}))
     if s.colocate_text_encoder or s.colocate_vae:
         out.append(("T5 and VAE on their own GPUs", model, {"colocate_text_encoder": False, "colocate_vae": False}))
@@ -146,10 +154,10 @@ def does_not_fit_message(plan: FitPlan, tried: list[tuple[str, FitPlan]]) -> str
         parts.append(": " + "; ".join(plan.problems))
     else:
         parts.append(
-            f": short by {plan.shortfall_bytes / GiB:.1f} GiB per GPU (weights {plan.weights_bytes / GiB:.1f}"
-            f" + activations {plan.activation_bytes / GiB:.1f} + T5/VAE {plan.companion_bytes / GiB:.1f}"
-            f" + overheads {plan.overhead_bytes / GiB:.1f} + one job {plan.gpu_bytes_per_job / GiB:.1f} GiB"
-            f" at kv_pool_fraction {plan.settings.kv_pool_fraction} > {plan.memory_bytes / GiB:.1f} GiB)"
+            f": short by {_gib(plan.shortfall_bytes)} per GPU (weights {_gib(plan.weights_bytes)}"
+            f" + activations {_gib(plan.activation_bytes)} + T5/VAE {_gib(plan.companion_bytes)}"
+            f" + overheads {_gib(plan.overhead_bytes)} + one job {_gib(plan.gpu_bytes_per_job)}"
+            f" at kv_pool_fraction {plan.settings.kv_pool_fraction} > {_gib(plan.memory_bytes)})"
         )
     if tried:
         parts.append(". Changes evaluated: " + "; ".join(f"{label} -> {_outcome(p)}" for label, p in tried))

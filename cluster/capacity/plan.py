@@ -1,0 +1,160 @@
+"""The fit planner's types: :class:`FitSettings` (what is planned) and :class:`FitPlan` (every
+term of the result). The arithmetic is in :mod:`cluster.capacity.fit`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.capacity.gpus import GpuSpec
+from cluster.capacity.kv import KVPlan
+from cluster.capacity.working_set import StepShape
+
+
+class FitSettings(BaseModel):
+    """How a replica is laid out and what the planner assumes (memory quantities in GiB).
+
+    Attributes:
+        cp_size: context-parallel ranks (Ulysses) per pipeline stage.
+        pp_size: pipeline stages (consecutive layers) per replica; GPUs = cp_size * pp_size.
+        height, width: video resolution in pixels; None = the model's default.
+        kv_pool_fraction: share of the memory left after fixed terms given to the KV pool
+            (and the jobs' latents).
+        jobs_per_forward: jobs packed into one DiT call (activations scale with it); None =
+            every admitted job in one forward, as the engine runs them (solved, module docstring).
+        max_active_jobs: cap on the jobs admitted (``engine.max_active_jobs``); None = no cap.
+        prefix_chunks: whole V2V prefix chunks a job may bring (all are forwarded in one
+            prefix-extraction call): ``max_prefix_frames // temporal_downsample_factor //
+            chunk_width``; 0 when V2V is off or the prefix fits the window.
+        micro_batches: micro-batches per forward (``parallel.micro_batches``); None = the mesh
+            default (``2 * pp_size`` with a pipeline, else 1); ignored on a single rank.
+        batch_cfg: CFG branches of cfg_number 3 models share one DiT call (the engine's default).
+        attention: ``flash`` (varlen kernel, no score matrix; the engine on CUDA) or ``sdpa``
+            (one SDPA call per chunk, :class:`stages.dit.attention.SdpaRangeAttention`; the
+            engine on CPU).
+        kv_offload: KV pool in host memory (reference ``kv_offload``); needs ``host_kv_gib``.
+        host_kv_gib: host memory for the KV of one GPU rank.
+        colocate_text_encoder, colocate_vae: the T5 encoder / VAE run on the same GPU.
+        cuda_context_gib: CUDA context, driver reservation, library workspaces per process
+            (not counted on a CPU device).
+        nccl_buffer_gib: buffers per process group a rank joins (cp group, pp group).
+        fragmentation_fraction: share of device memory held back for allocator fragmentation.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    cp_size: int = Field(1, ge=1)
+    pp_size: int = Field(1, ge=1)
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    kv_pool_fraction: float = Field(0.9, gt=0, le=1)
+    jobs_per_forward: int | None = Field(None, ge=1)
+    max_active_jobs: int | None = Field(None, ge=1)
+    prefix_chunks: int = Field(0, ge=0)
+    micro_batches: int | None = Field(None, ge=1)
+    batch_cfg: bool = True
+    attention: Literal["flash", "sdpa"] = "flash"
+    kv_offload: bool = False
+    host_kv_gib: float | None = Field(None, gt=0)
+    colocate_text_encoder: bool = False
+    colocate_vae: bool = False
+    cuda_context_gib: float = Field(1.0, ge=0)
+    nccl_buffer_gib: float = Field(0.25, ge=0)
+    fragmentation_fraction: float = Field(0.05, ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Every term of one replica's memory plan, per GPU rank, in bytes (see module docstring).
+
+    ``max_concurrent_jobs`` is what admission may hold at once (the engine's
+    ``max_active_jobs``), ``kv_pool_blocks`` the pool the engine allocates for them;
+    ``shortfall_bytes`` is how much more memory per GPU one job would need (0 when it fits).
+    ``jobs_per_forward`` is the number of jobs the activations were planned for.
+    """
+
+    model: str
+    gpu: GpuSpec
+    settings: FitSettings
+    height: int
+    width: int
+    weight_format: str
+    shape: StepShape
+    kv: KVPlan
+    jobs_per_forward: int
+    stage_weight_bytes: tuple[int, ...]
+    activation_terms: tuple[tuple[str, int], ...]
+    companion_terms: tuple[tuple[str, int], ...]
+    overhead_terms: tuple[tuple[str, int], ...]
+    gpu_bytes_per_job: int
+    kv_pool_budget_bytes: int
+    max_concurrent_jobs: int
+    problems: tuple[str, ...]
+
+    @property
+    def num_gpus(self) -> int:
+        return self.settings.cp_size * self.settings.pp_size
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.gpu.memory_bytes
+
+    @property
+    def weights_bytes(self) -> int:
+        """Weights on the heaviest rank (pipeline stages differ by the fp8 first/last layers)."""
+        return max(self.stage_weight_bytes)
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(v for _, v in self.activation_terms)
+
+    @property
+    def companion_bytes(self) -> int:
+        return sum(v for _, v in self.companion_terms)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return sum(v for _, v in self.overhead_terms)
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes + self.companion_bytes + self.overhead_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        """Memory left for the KV pool (negative when the fixed terms alone do not fit)."""
+        return self.memory_bytes - self.fixed_bytes
+
+    @property
+    def kv_bytes_per_job(self) -> int:
+        """One job's KV-pool region on the rank (whole blocks)."""
+        return self.kv.bytes_per_job
+
+    @property
+    def kv_pool_blocks(self) -> int:
+        """Blocks of the pool the engine allocates: ``max_concurrent_jobs * blocks_per_job``."""
+        return self.max_concurrent_jobs * self.kv.blocks_per_job
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        """Bytes of that pool on one rank (``KVPool.nbytes`` of the rank's shard)."""
+        return self.kv.pool_bytes(self.kv_pool_blocks)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and self.max_concurrent_jobs >= 1
+
+    @property
+    def shortfall_bytes(self) -> int:
+        """Extra bytes per GPU needed to admit one job (0 if it fits)."""
+        need = self.fixed_bytes + math.ceil(self.gpu_bytes_per_job / self.settings.kv_pool_fraction)
+        return max(0, need - self.memory_bytes)
+
+    def explain(self) -> str:
+        """Operator-readable table of every term (GiB per GPU) and the verdict."""
+        from cluster.capacity.report import explain  # noqa: PLC0415
+
+        return explain(self)
