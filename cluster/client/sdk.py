@@ -3,12 +3,12 @@
 Example::
 
     with MagiClient("127.0.0.1:9000") as client:
-        stream = client.generate(make_request("a cat playing piano", num_chunks=3))
-        with open("out.mp4", "wb") as f:
+        with client.generate(make_request("a cat playing piano", num_chunks=3)) as stream, \
+                open("out.mp4", "wb") as f:
             for msg in stream:
                 if msg.HasField("chunk"):
                     f.write(msg.chunk.data)   # parts arrive in order: append
-        # stream.cancel() stops the job on the service at any time
+        # stream.cancel() (or leaving the with block early) stops the job on the service
 
 Errors arrive as ``grpc.RpcError`` (``.code()``, ``.details()``; details name the
 bad field for INVALID_ARGUMENT).
