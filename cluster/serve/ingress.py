@@ -124,7 +124,8 @@ class GrpcIngress:
             was_active = await self._dit_unary.cancel.remote(job_id)
         except Exception as exc:  # noqa: BLE001  (mapped to a status)
             cause = getattr(exc, "cause", None) or exc
-            _abort(grpc_context, grpc.StatusCode.INTERNAL, f"cancel of job {job_id} failed: {type(cause).__name__}: {cause}")
+            _abort(grpc_context, grpc.StatusCode.INTERNAL,
+                   f"cancel of job {job_id} failed: {type(cause).__name__}: {cause}")
         return pb.CancelResponse(job_id=job_id, was_active=was_active)
 
     async def _engine_job(self, spec: JobSpec) -> EngineJob:
