@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -33,15 +33,7 @@ from stages.config import ModelConfig
 from stages.dit.kv_pool import KVPool
 from stages.dit.model import MagiDiT
 from stages.dit.packed import PackedWindow
-
-if TYPE_CHECKING:
-    from stages.parallel.mesh import MeshShape, ParallelMesh
-
-def _mesh():  # TEMP lazy import until stages.parallel.mesh lands
-    from stages.parallel import mesh  # noqa: PLC0415
-
-    return mesh
-
+from stages.parallel.mesh import MeshShape, ParallelMesh, destroy_mesh, init_mesh, merge_kv_reads, pool_dims, split_kv
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,9 +109,9 @@ class RankWorker:
         self.spec = spec
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
-        self.mesh: ParallelMesh = _mesh().init_mesh(spec.shape, spec.rank, spec.init_method, spec.backend, spec.timeout_s,
+        self.mesh: ParallelMesh = init_mesh(spec.shape, spec.rank, spec.init_method, spec.backend, spec.timeout_s,
                                             num_query_groups=cfg.num_query_groups, num_layers=cfg.num_layers,
-                                            micro_batches=spec.micro_batches)
+                                            micro_batches=spec.micro_batches, num_attention_heads=cfg.num_attention_heads)
         dit = load_dit(Path(spec.dit_dir), cfg, device=spec.device, dtype=_DTYPES[spec.dtype],
                        distill=spec.model_cfg.sampling.distill, layers=self.mesh.layers)
         self.dit: MagiDiT = dit.shard(self.mesh).eval()
@@ -132,7 +124,7 @@ class RankWorker:
     def make_pool(self, num_blocks: int, block_tokens: int) -> int:
         """Allocate this rank's pool shard (same blocks as rank 0, its layers and KV groups).
         Returns its size in bytes."""
-        num_layers, num_groups = _mesh().pool_dims(self.dit.cfg, self.mesh)
+        num_layers, num_groups = pool_dims(self.dit.cfg, self.mesh)
         self.pool = KVPool(num_layers=num_layers, num_blocks=num_blocks, block_tokens=block_tokens,
                            num_groups=num_groups, head_dim=self.dit.cfg.kv_channels, dtype=self.dit.params_dtype,
                            device=self.dit.device)
@@ -160,7 +152,7 @@ class RankWorker:
 
     def close(self) -> None:
         """Leave the mesh (destroys this process's torch.distributed state)."""
-        _mesh().destroy_mesh(self.mesh)
+        destroy_mesh(self.mesh)
 
 
 @dataclass
@@ -190,7 +182,7 @@ class ShardedKVPool(KVPool):
 
     def __init__(self, group: RankGroup, *, num_blocks: int, block_tokens: int):
         local = group.local
-        num_layers, num_groups = _mesh().pool_dims(local.dit.cfg, local.mesh)
+        num_layers, num_groups = pool_dims(local.dit.cfg, local.mesh)
         super().__init__(num_layers=num_layers, num_blocks=num_blocks, block_tokens=block_tokens,
                          num_groups=num_groups, head_dim=local.dit.cfg.kv_channels, dtype=local.dit.params_dtype,
                          device=local.dit.device)
@@ -213,11 +205,11 @@ class ShardedKVPool(KVPool):
     def read(self, start: int, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         call = self.group.peers.launch("pool_read", start, tokens)
         local = super().read(start, tokens)
-        return _mesh().merge_kv_reads([local, *call.wait()], self.group.shape, self.group.local.dit.cfg)
+        return merge_kv_reads([local, *call.wait()], self.group.shape, self.group.local.dit.cfg)
 
     def write(self, start: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         shape, cfg = self.group.shape, self.group.local.dit.cfg
-        parts = [_mesh().split_kv(kv, shape, r, cfg) for r in range(shape.world_size)]
+        parts = [split_kv(kv, shape, r, cfg) for r in range(shape.world_size)]
         call = self.group.peers.launch_each("pool_write", [(start, p) for p in parts[1:]])
         super().write(start, parts[0])
         call.wait()

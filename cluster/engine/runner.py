@@ -132,7 +132,7 @@ class BatchRunner:
         if jump <= 0:
             return
         frames = jump * ctx.chunk_width
-        ctx.kv.shift_keys(lambda k: self.dit.rope_time_shift(k, frames))
+        ctx.kv.shift_keys(self.dit.rope_shift(frames))  # picklable: runs on every rank's shard
         ctx.rope_base = plan.kv_keep_from
 
     # ----- per job after the forward ---------------------------------------------

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator
 
 from ray import serve
 
+from cluster.capacity import replica_capacity
 from cluster.config import ServiceConfig
 from cluster.engine import Engine, EngineBusy, JobAdmitted, JobFinished
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress
@@ -30,6 +32,7 @@ from cluster.serve.ranks import start_rank_group
 from cluster.serve.metrics import EngineMetrics
 from stages.errors import InvalidInput
 
+log = logging.getLogger(__name__)
 _HISTORY = 256  # finished jobs whose stats stay queryable
 _STEP_HISTORY = 64  # step intervals kept per job
 
@@ -95,14 +98,17 @@ class DiTEngineDeployment:
 
     def __init__(self, cfg: ServiceConfig):
         settings = cfg.deployments.dit_engine
-        model, paths = prepare_replica(cfg, settings)
         device, dtype = replica_device(settings)
+        # before any weights are loaded or checkpoints looked for: DoesNotFit = the replica refuses to start
+        capacity = replica_capacity(cfg, cfg.load_model(), dtype=dtype)
+        model, paths = prepare_replica(cfg, settings)
+        log.info("DiTEngine capacity: %d jobs, %d KV-pool blocks\n%s", capacity.max_active_jobs,
+                 capacity.kv_pool_blocks, capacity.plan.explain())
         ranks = None
         if cfg.parallel.world_size > 1:
             ranks = start_rank_group(cfg.parallel, settings, model, str(paths.dit), device, dtype, settings.torch_threads)
         self._engine = Engine.from_checkpoint(model, paths.dit, device=device, dtype=DTYPES[dtype], ranks=ranks,
-                                              max_active_jobs=cfg.engine.max_active_jobs,
-                                              queue_limit=cfg.engine.queue_limit)
+                                              queue_limit=cfg.engine.queue_limit, **capacity.engine_kwargs())
         self._compute = ComputeThread("dit-step")
         self._streams: dict[str, asyncio.Queue] = {}
         self._jobs: collections.OrderedDict[str, JobStats] = collections.OrderedDict()

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import DeploymentSettings, ParallelSettings
 from cluster.engine.ranks import RankGroup, RankSpec, RankWorker
 from stages.config import ModelConfig
+from stages.parallel.mesh import MeshShape, free_tcp_init_method
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,6 @@ def start_rank_group(parallel: ParallelSettings, settings: DeploymentSettings, m
             :func:`stages.parallel.mesh.init_mesh`.
         ray.exceptions.RayActorError: a rank failed to start (its error is chained).
     """
-    from stages.parallel.mesh import MeshShape, free_tcp_init_method  # noqa: PLC0415 TEMP
-
     shape = MeshShape(parallel.cp_size, parallel.pp_size)
     init_method = free_tcp_init_method(ray.util.get_node_ip_address())
     common = dict(model_cfg=model_cfg, dit_dir=str(dit_dir), shape=shape, init_method=init_method,
