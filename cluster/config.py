@@ -100,6 +100,9 @@ class EngineSettings(_Strict):
 
     max_active_jobs: int = Field(4, gt=0, description="jobs packed into one DiT forward at most")
     queue_limit: int = Field(16, ge=0, description="jobs waiting for admission at most")
+    attention: str = Field("auto", pattern="^(auto|sdpa|flash)$",
+                           description="range-attention backend (stages.dit.flash_attention.make_attention): "
+                           "auto = flash varlen on CUDA when a kernel is usable, else SDPA")
 
 
 class ParallelSettings(_Strict):

@@ -133,15 +133,19 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, model_cfg: ModelConfig, dit_dir: Path, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32, **engine_kwargs) -> "Engine":
+                        dtype: torch.dtype = torch.float32, attention: str = "sdpa", **engine_kwargs) -> "Engine":
         """Load the DiT (:func:`stages.dit.weights.load_dit`, distill variant from the sampling
         settings) and its special-token table (:func:`stages.dit.token_table.load_special_tokens`)
         from ``dit_dir`` and build the engine (``engine_kwargs``: see :class:`Engine`). With
-        ``ranks`` the DiT is rank 0's shard, already loaded by :class:`cluster.engine.ranks.RankWorker`.
+        ``ranks`` the DiT is rank 0's shard, already loaded by :class:`cluster.engine.ranks.RankWorker`
+        (with its own attention backend). ``attention``: the range-attention backend name
+        (:func:`stages.dit.flash_attention.make_attention`: auto, sdpa, flash).
 
         Raises:
             FileNotFoundError, stages.dit.weights.CheckpointMismatch: see the loaders.
+            ValueError, RuntimeError: an unknown attention backend, or "flash" where it cannot run.
         """
+        from stages.dit.flash_attention import make_attention  # noqa: PLC0415
         from stages.dit.token_table import load_special_tokens  # noqa: PLC0415
         from stages.dit.weights import load_dit  # noqa: PLC0415
 
@@ -151,6 +155,7 @@ class Engine:
             device = str(dit.device)
         else:
             dit = load_dit(Path(dit_dir), model_cfg.dit, device=device, dtype=dtype, distill=model_cfg.sampling.distill)
+            dit.attention = make_attention(attention, device)
         return cls(model_cfg, dit, device=device, special_tokens=load_special_tokens(model_cfg, Path(dit_dir)),
                    **engine_kwargs)
 

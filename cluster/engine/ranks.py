@@ -75,6 +75,7 @@ class RankSpec:
         micro_batches: pipeline micro-batches per forward (None: the mesh default).
         timeout_s: seconds a rank waits for the others (rendezvous and collectives).
         torch_threads: torch intra-op threads of this rank's process (None: leave as is).
+        attention: range-attention backend name (:func:`stages.dit.flash_attention.make_attention`).
     """
 
     model_cfg: ModelConfig
@@ -88,6 +89,7 @@ class RankSpec:
     micro_batches: int | None = None
     timeout_s: float = 120.0
     torch_threads: int | None = None
+    attention: str = "sdpa"
 
 
 class RankWorker:
@@ -103,6 +105,7 @@ class RankWorker:
     """
 
     def __init__(self, spec: RankSpec):
+        from stages.dit.flash_attention import make_attention  # noqa: PLC0415
         from stages.dit.weights import load_dit  # noqa: PLC0415
 
         cfg = spec.model_cfg.dit
@@ -114,6 +117,7 @@ class RankWorker:
                                             micro_batches=spec.micro_batches, num_attention_heads=cfg.num_attention_heads)
         dit = load_dit(Path(spec.dit_dir), cfg, device=spec.device, dtype=_DTYPES[spec.dtype],
                        distill=spec.model_cfg.sampling.distill, layers=self.mesh.layers)
+        dit.attention = make_attention(spec.attention, spec.device)
         self.dit: MagiDiT = dit.shard(self.mesh).eval()
         self.pool: KVPool | None = None
 

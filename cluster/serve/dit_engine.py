@@ -92,23 +92,37 @@ class JobStats:
         return self.finished_at is None
 
 
+def start_engine(cfg: ServiceConfig) -> Engine:
+    """The replica's engine: capacity check first (before any weights are loaded or checkpoints
+    looked for), then the parallel mesh's other ranks (if any), then rank 0's DiT.
+
+    Raises:
+        cluster.capacity.DoesNotFit: the model cannot fit the replica's devices (the replica
+            refuses to start; the message says what is short and what to change).
+        ValueError / RuntimeError: a mesh the model cannot be split into, an attention backend
+            that cannot run, ranks that did not start (see :func:`cluster.serve.ranks.start_rank_group`).
+    """
+    settings = cfg.deployments.dit_engine
+    device, dtype = replica_device(settings)
+    capacity = replica_capacity(cfg, cfg.load_model(), dtype=dtype)
+    model, paths = prepare_replica(cfg, settings)
+    log.info("DiTEngine capacity: %d jobs, %d KV-pool blocks\n%s", capacity.max_active_jobs,
+             capacity.kv_pool_blocks, capacity.plan.explain())
+    ranks = None
+    if cfg.parallel.world_size > 1:
+        ranks = start_rank_group(cfg.parallel, settings, model, str(paths.dit), device, dtype, settings.torch_threads,
+                                 attention=cfg.engine.attention)
+    return Engine.from_checkpoint(model, paths.dit, device=device, dtype=DTYPES[dtype], ranks=ranks,
+                                  attention=cfg.engine.attention, queue_limit=cfg.engine.queue_limit,
+                                  **capacity.engine_kwargs())
+
+
 @serve.deployment(name="DiTEngine")
 class DiTEngineDeployment:
     """Streams ``Progress`` / ``LatentChunk`` events of jobs batched on one engine (see :meth:`run`)."""
 
     def __init__(self, cfg: ServiceConfig):
-        settings = cfg.deployments.dit_engine
-        device, dtype = replica_device(settings)
-        # before any weights are loaded or checkpoints looked for: DoesNotFit = the replica refuses to start
-        capacity = replica_capacity(cfg, cfg.load_model(), dtype=dtype)
-        model, paths = prepare_replica(cfg, settings)
-        log.info("DiTEngine capacity: %d jobs, %d KV-pool blocks\n%s", capacity.max_active_jobs,
-                 capacity.kv_pool_blocks, capacity.plan.explain())
-        ranks = None
-        if cfg.parallel.world_size > 1:
-            ranks = start_rank_group(cfg.parallel, settings, model, str(paths.dit), device, dtype, settings.torch_threads)
-        self._engine = Engine.from_checkpoint(model, paths.dit, device=device, dtype=DTYPES[dtype], ranks=ranks,
-                                              queue_limit=cfg.engine.queue_limit, **capacity.engine_kwargs())
+        self._engine = start_engine(cfg)
         self._compute = ComputeThread("dit-step")
         self._streams: dict[str, asyncio.Queue] = {}
         self._jobs: collections.OrderedDict[str, JobStats] = collections.OrderedDict()

@@ -74,7 +74,8 @@ def _backend(parallel: ParallelSettings, device: str) -> str:
 
 
 def start_rank_group(parallel: ParallelSettings, settings: DeploymentSettings, model_cfg: ModelConfig, dit_dir: str,
-                     device: str = "cpu", dtype: str = "float32", torch_threads: int | None = None) -> RankGroup:
+                     device: str = "cpu", dtype: str = "float32", torch_threads: int | None = None,
+                     attention: str = "sdpa") -> RankGroup:
     """Start ranks 1..N-1 as actors, join the mesh as rank 0 and load rank 0's shard.
 
     Args:
@@ -83,6 +84,7 @@ def start_rank_group(parallel: ParallelSettings, settings: DeploymentSettings, m
         model_cfg, dit_dir: the model and its DiT checkpoint folder.
         device, dtype: where and in which dtype every rank holds its shard.
         torch_threads: torch intra-op threads of each peer process (None: Ray's default).
+        attention: range-attention backend of every rank (auto, sdpa, flash).
 
     Raises:
         ValueError: a mesh the model cannot be split into (named field), see
@@ -94,7 +96,7 @@ def start_rank_group(parallel: ParallelSettings, settings: DeploymentSettings, m
     common = dict(model_cfg=model_cfg, dit_dir=str(dit_dir), shape=shape, init_method=init_method,
                   backend=_backend(parallel, device), device=device, dtype=dtype,
                   micro_batches=parallel.micro_batches, timeout_s=parallel.init_timeout_s,
-                  torch_threads=torch_threads)
+                  torch_threads=torch_threads, attention=attention)
     actors = [_rank_actor(r, settings).remote(RankSpec(rank=r, **common))
               for r in range(1, shape.world_size)]
     group = RankGroup(RankWorker(RankSpec(rank=0, **common)), RayPeers(actors))
