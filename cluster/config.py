@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.units import MiB
-from stages.config import PRESETS, ModelConfig, load_preset
+from stages.config import ModelConfig, check_preset, load_preset
 
 
 class ConfigError(ValueError):
@@ -176,9 +176,7 @@ class ServiceConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-        return name
+        return check_preset(name)
 
     def load_model(self) -> ModelConfig:
         """The :class:`stages.config.ModelConfig` of the ``model`` preset."""

@@ -276,6 +276,17 @@ PRESETS = {
 }
 
 
+def check_preset(name: str) -> str:
+    """``name`` if it is a known preset (a pydantic validator for config fields naming a model).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return name
+
+
 def load_preset(name: str) -> ModelConfig:
     """Return the named model configuration.
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError, field_validator
 
 from cluster.capacity.fit import FitPlan, FitSettings, check_fits, plan_fit
 from cluster.capacity.gpus import GPUS
-from stages.config import PRESETS, ModelConfig, load_preset
+from stages.config import ModelConfig, check_preset, load_preset
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "profiles"
 
@@ -45,9 +45,7 @@ class DeploymentProfile(FitSettings):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown model preset {value!r}; known: {sorted(PRESETS)}")
-        return value
+        return check_preset(value)
 
     @field_validator("gpu")
     @classmethod
