@@ -17,7 +17,7 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import AsyncIterator
 
 from ray import serve
@@ -28,68 +28,14 @@ from cluster.engine import Engine, EngineBusy, JobAdmitted, JobFinished
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress
 from cluster.serve.cancels import EarlyCancels, JobCancelled
 from cluster.serve.compute import DTYPES, ComputeThread, prepare_replica, replica_device
-from cluster.serve.ranks import start_rank_group
+from cluster.serve.engine_types import EngineFull, JobStats, QueuePosition
 from cluster.serve.metrics import EngineMetrics
+from cluster.serve.ranks import start_rank_group
 from stages.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 _HISTORY = 256  # finished jobs whose stats stay queryable
 _STEP_HISTORY = 64  # step intervals kept per job
-
-
-class EngineFull(RuntimeError):
-    """:class:`cluster.engine.EngineBusy` in a form that crosses Ray (picklable).
-
-    Attributes:
-        retry_after_s: seconds after which a retry has a fair chance.
-    """
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message, retry_after_s)
-        self.retry_after_s = retry_after_s
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-@dataclass(frozen=True)
-class QueuePosition:
-    """Event of :meth:`DiTEngineDeployment.run`: the job waits for admission to the engine.
-
-    Attributes:
-        job_id: the job.
-        position: jobs ahead of it in the admission queue (0 = admitted next). Sent when the
-            job is queued and whenever its position changes, until it starts (its first
-            ``Progress``).
-    """
-
-    job_id: str
-    position: int
-
-
-@dataclass
-class JobStats:
-    """What a replica knows about one job (returned by :meth:`DiTEngineDeployment.job_stats`).
-
-    Attributes:
-        state: "queued" / "active" while in the engine, then "done", "cancelled" or "failed".
-        steps: engine steps (DiT forwards) the job took part in.
-        total_forwards: forwards the whole job needs (None if unbounded).
-        chunks_emitted: clean latent chunks produced.
-        finished_at: ``time.time()`` when the job left the engine, or None.
-        step_intervals: (start, end) ``time.time()`` of its last steps (at most 64).
-    """
-
-    state: str = "queued"
-    steps: int = 0
-    total_forwards: int | None = None
-    chunks_emitted: int = 0
-    finished_at: float | None = None
-    step_intervals: list[tuple[float, float]] = field(default_factory=list)
-
-    @property
-    def running(self) -> bool:
-        return self.finished_at is None
 
 
 def start_engine(cfg: ServiceConfig) -> Engine:

@@ -39,7 +39,7 @@ from cluster.engine import JobNotFound
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress
 from cluster.serve import stream
 from cluster.serve.cancels import JobCancelled, check_job_id
-from cluster.serve.dit_engine import EngineFull, QueuePosition
+from cluster.serve.engine_types import EngineFull, QueuePosition
 from cluster.serve.validate import validate_request, validate_update
 from magi.v1 import generate_pb2 as pb
 from stages.errors import InvalidInput

@@ -12,7 +12,8 @@ import torch
 
 from cluster.config import EngineSettings, ServiceConfig
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress, PromptSegment
-from cluster.serve.dit_engine import DiTEngineDeployment, QueuePosition
+from cluster.serve.dit_engine import DiTEngineDeployment
+from cluster.serve.engine_types import QueuePosition
 
 pytestmark = pytest.mark.serve
 
