@@ -14,7 +14,7 @@ Every rank executes the same operations in the same order:
   rank of the last stage) are the step's result;
 * KV-pool storage operations (:class:`ShardedKVPool`): moves and RoPE re-basing run on every
   shard; snapshot reads merge the shards, writes split them
-  (:func:`stages.parallel.mesh.merge_kv_reads` / :func:`stages.parallel.mesh.split_kv`).
+  (:func:`stages.parallel.kv_shards.merge_kv_reads` / :func:`stages.parallel.kv_shards.split_kv`).
 
 Allocation (which job owns which blocks) is bookkeeping on rank 0 only: every shard has the same
 block layout, so a region means the same tokens on every rank.
@@ -33,7 +33,8 @@ from stages.config import ModelConfig
 from stages.dit.kv_pool import KVPool
 from stages.dit.model import MagiDiT
 from stages.dit.packed import PackedWindow
-from stages.parallel.mesh import MeshShape, ParallelMesh, destroy_mesh, init_mesh, merge_kv_reads, pool_dims, split_kv
+from stages.parallel.kv_shards import merge_kv_reads, pool_dims, split_kv
+from stages.parallel.mesh import MeshShape, ParallelMesh, destroy_mesh, init_mesh
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

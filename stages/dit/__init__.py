@@ -9,7 +9,8 @@ the expected state_dict layouts and ``verify_checkpoint`` (CLI entry points ``ma
 
 from stages.dit.kv_cache import ChunkKVCache
 from stages.dit.kv_pool import KVPool, PoolRegion
-from stages.dit.model import DiTInput, DiTOutput, MagiDiT
+from stages.dit.model import MagiDiT
 from stages.dit.packed import DenseKV, PackedWindow
+from stages.dit.window_forward import DiTInput, DiTOutput
 
 __all__ = ["ChunkKVCache", "DenseKV", "DiTInput", "DiTOutput", "KVPool", "MagiDiT", "PackedWindow", "PoolRegion"]

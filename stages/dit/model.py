@@ -1,22 +1,16 @@
 """MAGI-1 DiT (reference ``VideoDiTModel``) as a plain nn.Module over a packed chunk window.
 
 One call of :meth:`MagiDiT.forward` is one reference ``VideoDiTModel.forward`` generalised
-to a *window* of K chunks packed along time without a batch dim:
-
-* every chunk has its own timestep, caption (+ mask), adaLN null-row choice
-  (``caption_dropout``) and key range over keys = [history K/V] + [window tokens];
-* the chunks are grouped into *segments* (a reference batch element): each segment has a
-  RoPE frame offset, so a window that continues a video gets absolute t-positions
-  (reference ``slice_point``) and the unconditional CFG branch (every chunk alone,
-  positions restarting at 0) is a window of 1-chunk segments;
-* the K/V of chosen chunks can be returned for every layer.
+to a *window* of K chunks packed along time without a batch dim, each chunk with its own
+timestep, caption, key range and RoPE segment (:mod:`stages.dit.window_forward`: the
+:class:`~stages.dit.window_forward.DiTInput` / :class:`~stages.dit.window_forward.DiTOutput` records).
 
 :meth:`MagiDiT.forward_packed` is the engine's form: many such windows (jobs x guidance
 branches, each possibly of its own size) packed as variable-length sequences into one call,
 every layer writing the windows' K/V into a packed key buffer (the engine's KV pool,
 :mod:`stages.dit.kv_pool`) and attending over it in place with per-chunk key ranges
 (:mod:`stages.dit.packed`, :mod:`stages.dit.attention`). ``forward`` is the one-window
-special case with a private buffer.
+special case with a private buffer (:func:`stages.dit.window_forward.forward_window`).
 
 No CFG, distillation schedule, env reads or distributed state live here; the engine
 (:mod:`cluster.engine.runner`) decides the inputs. Quirks of the reference reproduced on
@@ -34,8 +28,6 @@ their ``linear_proj`` runs without the float32 autocast of the float layers, as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 
@@ -43,57 +35,12 @@ from stages.config import DiTConfig
 from stages.dit.attention import RangeAttention, default_backend
 from stages.dit.embed import (CaptionEmbedder, FinalLinear, FusedLayerNorm, LearnableRotaryEmbeddingCat, RopeShift,
                               TimestepEmbedder, rope_time_shift)
-from stages.dit.layers import KV, LayerContext, TransformerLayer
-from stages.dit.packed import DenseKV, KVBuffers, PackedWindow
-from stages.dit.step import LATENT_CHANNELS, AbsentLayer, pack_step
+from stages.dit.layers import LayerContext, TransformerLayer
+from stages.dit.packed import KVBuffers, PackedWindow
+from stages.dit.step import LATENT_CHANNELS, AbsentLayer, pack_step, unpatchify
+from stages.dit.window_forward import DiTInput, DiTOutput, forward_window
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class DiTInput:
-    """Inputs of one DiT forward over a window of K chunks.
-
-    Attributes:
-        x: (C, T, H, W) latent frames of the K chunks in window order (C = 16 latent
-            channels, or ``in_channels``; T = K * frames per chunk; H, W latent pixels).
-        t: (K,) float32 timestep per chunk (0 noise, 1 clean).
-        y: (K, L, caption_channels) caption embedding per chunk.
-        y_mask: (K, L) int/bool, 1 = valid caption token.
-        kv_range: (K, 2) int64 [start, end) in tokens over keys = [history | window].
-        caption_dropout: (K,) bool; adaLN uses ``null_caption_embedding[-1]`` if True else
-            ``[-2]`` (reference ``caption_dropout_mask``).
-        segments: ((num_chunks, rope_frame_offset), ...) covering the K chunks in order;
-            a segment's RoPE t-positions start at ``rope_frame_offset`` latent frames
-            (reference ``slice_point * chunk_width``).
-            Default: one segment at offset 0.
-        distill_dt: optional (K,) float32 shortcut step size; when given,
-            ``t_embedder(distill_dt)`` is added to the timestep embedding (reference
-            ``engine_config.distill`` branch of ``get_embedding_and_meta``).
-        history: optional per-layer cached (k, v), each (Sh, G, Dh): K/V of earlier clean
-            chunks in key order (the first Sh keys).
-        return_kv: window chunk indices whose per-layer K/V to return.
-    """
-
-    x: torch.Tensor
-    t: torch.Tensor
-    y: torch.Tensor
-    y_mask: torch.Tensor
-    kv_range: torch.Tensor
-    caption_dropout: torch.Tensor
-    segments: tuple[tuple[int, int], ...] | None = None
-    distill_dt: torch.Tensor | None = None
-    history: list[KV] | None = None
-    return_kv: tuple[int, ...] = ()
-
-
-@dataclass
-class DiTOutput:
-    """``velocity`` (16 or out_channels, T, H, W) float32 like ``x``; ``kv[c]`` = per-layer
-    (k, v) of window chunk c, each (tokens_per_chunk, G, Dh), for c in ``return_kv``."""
-
-    velocity: torch.Tensor
-    kv: dict[int, list[KV]] = field(default_factory=dict)
 
 
 class TransformerBlock(nn.Module):
@@ -233,42 +180,10 @@ class MagiDiT(nn.Module):
 
     # ----- forward ----------------------------------------------------------------
     def forward(self, inp: DiTInput) -> DiTOutput:
-        """Run the DiT over one window (see :class:`DiTInput`); returns :class:`DiTOutput`.
-
-        One-off form of :meth:`forward_packed`: the keys live in a private buffer
-        ``[history | window]`` (the history is copied in; the engine uses the KV pool instead).
-
-        Raises:
-            ValueError: inconsistent shapes (chunk count vs T, segments, kv_range, history);
-                a key range outside [0, history + window tokens].
-        """
-        cfg = self.cfg
-        if self.mesh is not None:
-            raise RuntimeError("MagiDiT.forward is single-process; a sharded model runs forward_packed")
-        k_chunks = int(inp.t.shape[0])
-        if inp.x.ndim != 4:
-            raise ValueError(f"x must be (C, T, H, W), got {tuple(inp.x.shape)}")
-        if k_chunks == 0 or inp.x.shape[1] % k_chunks:
-            raise ValueError(f"x has {inp.x.shape[1]} frames, not a multiple of {k_chunks} chunks")
-        tpc = self.tokens_per_chunk(inp.x.shape[1] // k_chunks, inp.x.shape[2], inp.x.shape[3])
-        hist = 0 if not inp.history else int(inp.history[0][0].shape[0])
-        kv_range = inp.kv_range.to("cpu", torch.int64)
-        if tuple(kv_range.shape) != (k_chunks, 2):
-            raise ValueError(f"kv_range must be ({k_chunks}, 2), got {tuple(kv_range.shape)}")
-        buf = DenseKV(cfg.num_layers, hist + k_chunks * tpc, cfg.num_query_groups, cfg.kv_channels,
-                      self.params_dtype, self.device, inp.history)
-        window = PackedWindow(
-            x=inp.x, t=inp.t, y=inp.y, y_mask=inp.y_mask, caption_dropout=inp.caption_dropout,
-            key_ranges=[[(int(a), int(b))] for a, b in kv_range.tolist()],
-            kv_dest=[hist + i * tpc for i in range(k_chunks)], segments=inp.segments, distill_dt=inp.distill_dt,
-        )
-        velocity = self.forward_packed([window], buf, cross_per_chunk=False)[0]
-        kv_out = {
-            i: [(kb[hist + i * tpc : hist + (i + 1) * tpc].clone(), vb[hist + i * tpc : hist + (i + 1) * tpc].clone())
-                for kb, vb in (buf.layer(n) for n in range(cfg.num_layers))]
-            for i in inp.return_kv
-        }
-        return DiTOutput(velocity=velocity, kv=kv_out)
+        """Run the DiT over one window: :func:`stages.dit.window_forward.forward_window`
+        (:class:`~stages.dit.window_forward.DiTInput` -> :class:`~stages.dit.window_forward.DiTOutput`;
+        raises as documented there)."""
+        return forward_window(self, inp)
 
     def tokens_per_chunk(self, frames: int, h: int, w: int) -> int:
         """Tokens of one chunk of ``frames`` latent frames of size (h, w) latent pixels
@@ -315,11 +230,11 @@ class MagiDiT(nn.Module):
         return self.final_linear(hidden.float())
 
     def unpatchify_windows(self, out: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """(S, pt*p*p*C) packed output -> per window (C, T, H, W) velocity (:meth:`_unpatchify`)."""
+        """(S, pt*p*p*C) packed output -> per window (C, T, H, W) velocity (:func:`stages.dit.step.unpatchify`)."""
         velocities, start = [], 0
         for (tp, hp, wp) in shapes:
             n = tp * hp * wp
-            velocities.append(self._unpatchify(out[start : start + n], tp, hp, wp))
+            velocities.append(unpatchify(self.cfg, out[start : start + n], tp, hp, wp))
             start += n
         return velocities
 
@@ -331,14 +246,3 @@ class MagiDiT(nn.Module):
     def rope_shift(self, frames: int) -> RopeShift:
         """Picklable ``k -> rope_time_shift(k, frames)`` (for the ranks of a parallel mesh)."""
         return RopeShift(tuple(self.rope.bands.detach().float().cpu().tolist()), int(frames), self.cfg.t_patch_size)
-
-    def _unpatchify(self, out: torch.Tensor, tp: int, hp: int, wp: int) -> torch.Tensor:
-        """(S, pt*p*p*C) -> (C, T, H, W) (reference ``unpatchify``), then the
-        ``half_channel_vae`` slice and ``/ x_rescale_factor``."""
-        cfg = self.cfg
-        p, pt, co = cfg.patch_size, cfg.t_patch_size, cfg.out_channels
-        x = out.view(tp, hp, wp, pt, p, p, co).permute(6, 0, 3, 1, 4, 2, 5)
-        x = x.reshape(co, tp * pt, hp * p, wp * p)
-        if cfg.half_channel_vae:
-            x = x[:LATENT_CHANNELS]
-        return x / cfg.x_rescale_factor

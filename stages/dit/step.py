@@ -4,6 +4,7 @@
 shares (patch embeddings, RoPE rows, adaLN conditions, caption tokens, the packed layout). The
 single-process forward uses it whole; a rank of a parallel mesh
 (:mod:`stages.parallel.pipeline`) slices it into micro-batches and cp token slices.
+:func:`unpatchify` turns the packed output back into latent frames.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def patch_grid(cfg, x_shape) -> tuple[int, int, int]:
         raise ValueError(f"x must be ({want}, T, H, W) latents, got {tuple(x_shape)}")
     p, pt = cfg.patch_size, cfg.t_patch_size
     return x_shape[1] // pt, x_shape[2] // p, x_shape[3] // p
+
+
+def unpatchify(cfg, out: torch.Tensor, tp: int, hp: int, wp: int) -> torch.Tensor:
+    """(S, pt*p*p*C) float32 output of one window with a (tp, hp, wp) patch grid (:func:`patch_grid`)
+    -> (C, T, H, W) latent (reference ``unpatchify``), then the ``half_channel_vae`` slice and
+    ``/ x_rescale_factor``."""
+    p, pt, co = cfg.patch_size, cfg.t_patch_size, cfg.out_channels
+    x = out.view(tp, hp, wp, pt, p, p, co).permute(6, 0, 3, 1, 4, 2, 5)
+    x = x.reshape(co, tp * pt, hp * p, wp * p)
+    if cfg.half_channel_vae:
+        x = x[:LATENT_CHANNELS]
+    return x / cfg.x_rescale_factor
 
 
 def pack_step(model, windows: list[PackedWindow], kv_tokens: int, cross_per_chunk: bool = True,

@@ -6,7 +6,8 @@ inside a stage the packed tokens are split over the cp ranks and attention runs 
 after an all-to-all (Ulysses; reference ``cp_ulysses_process`` / ``ulysses_a2a``).
 KV cache shards: a rank stores its stage's layers and the KV head groups (``num_query_groups``,
 G) its query heads read: ``G / cp_size`` groups each when ``cp_size <= G``, one group replicated
-on ``cp_size / G`` ranks when ``cp_size > G``.
+on ``cp_size / G`` ranks when ``cp_size > G`` (:func:`kv_groups_of`; splitting and merging the
+K/V themselves: :mod:`stages.parallel.kv_shards`).
 
 A single-process run has no mesh: :class:`stages.dit.model.MagiDiT` keeps ``mesh = None``.
 Everything here is torch.distributed (gloo on CPU, NCCL on CUDA); nothing imports Ray.
@@ -19,13 +20,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from stages.config import DiTConfig
 from stages.parallel.weights import stage_layers
-
-KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -195,65 +192,3 @@ def free_tcp_init_method(host: str = "127.0.0.1") -> str:
         s.bind((host, 0))
         port = s.getsockname()[1]
     return f"tcp://{host}:{port}"
-
-
-# ----- KV pool shards ----------------------------------------------------------------------
-
-
-def pool_dims(cfg: DiTConfig, mesh: ParallelMesh | None) -> tuple[int, int]:
-    """(num_layers, num_groups) of a rank's KV pool shard (the whole model without a mesh)."""
-    if mesh is None:
-        return cfg.num_layers, cfg.num_query_groups
-    return len(mesh.layers), len(mesh.kv_groups)
-
-
-def merge_kv_reads(reads_by_rank: list[list[KV]], shape: MeshShape, cfg: DiTConfig) -> list[KV]:
-    """Full per-layer K/V from every rank's :meth:`stages.dit.kv_pool.KVPool.read` of one token span.
-
-    Args:
-        reads_by_rank: by rank, per local layer (k, v), each (T, groups of the rank, Dh).
-    Returns:
-        per global layer (k, v), each (T, G, Dh); a replicated group comes from its first holder.
-    Raises:
-        ValueError: wrong number of ranks or layers.
-    """
-    if len(reads_by_rank) != shape.world_size:
-        raise ValueError(f"expected reads of {shape.world_size} ranks, got {len(reads_by_rank)}")
-    layers = stage_layers(cfg.num_layers, shape.pp_size)
-    groups = [kv_groups_of(c, shape.cp_size, cfg.num_query_groups) for c in range(shape.cp_size)]
-    holders = [next(c for c in range(shape.cp_size) if g in groups[c]) for g in range(cfg.num_query_groups)]
-    out: list[KV] = []
-    for layer in range(cfg.num_layers):
-        stage = layer // len(layers[0])
-        local = layer - layers[stage].start
-        parts_k, parts_v = [], []
-        for c in sorted(set(holders), key=holders.index):
-            read = reads_by_rank[shape.rank_of(stage, c)]
-            if len(read) != len(layers[stage]):
-                raise ValueError(f"rank {shape.rank_of(stage, c)} read {len(read)} layers, its stage has "
-                                 f"{len(layers[stage])}")
-            keep = [i for i, g in enumerate(groups[c]) if holders[g] == c]
-            parts_k.append(read[local][0][:, keep])
-            parts_v.append(read[local][1][:, keep])
-        out.append((torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)))
-    return out
-
-
-def split_kv(kv_full: list[KV], mesh_shape: MeshShape, rank: int, cfg: DiTConfig) -> list[KV]:
-    """The part of full per-layer K/V ((T, G, Dh) each, all layers) that ``rank`` stores:
-    its stage's layers and its KV groups, as contiguous tensors.
-
-    Raises:
-        ValueError: ``kv_full`` does not have ``cfg.num_layers`` layers of G groups.
-    """
-    if len(kv_full) != cfg.num_layers:
-        raise ValueError(f"expected K/V for {cfg.num_layers} layers, got {len(kv_full)}")
-    stage, c = mesh_shape.stage_of(rank), mesh_shape.cp_rank_of(rank)
-    groups = kv_groups_of(c, mesh_shape.cp_size, cfg.num_query_groups)
-    out = []
-    for layer in stage_layers(cfg.num_layers, mesh_shape.pp_size)[stage]:
-        k, v = kv_full[layer]
-        if k.shape[1] != cfg.num_query_groups:
-            raise ValueError(f"layer {layer} K/V has {k.shape[1]} groups, the model {cfg.num_query_groups}")
-        out.append((k[:, groups.start : groups.stop].contiguous(), v[:, groups.start : groups.stop].contiguous()))
-    return out

@@ -11,8 +11,8 @@ import torch
 
 from stages.config import magi_tiny
 from stages.dit.fp8 import PER_CHANNEL, PER_TENSOR, FP8, QuantizedFp8Linear, scaled_mm_supported, set_fp8_mode
-from stages.dit.model import DiTInput
 from stages.dit.weights import load_dit, write_tiny_checkpoint
+from stages.dit.window_forward import DiTInput
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,7 +14,7 @@ import torch
 from stages.config import DiTConfig, ModelConfig, SamplingConfig, TextEncoderConfig, VaeConfig
 from cluster.engine import Engine
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, PromptSegment
-from stages.dit.model import DiTInput
+from stages.dit.window_forward import DiTInput
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN_DIR = Path(os.environ.get("MAGI_GOLDEN_DIR", REPO.parent / "shared" / "golden"))

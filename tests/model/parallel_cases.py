@@ -104,7 +104,8 @@ def run_case(dit, pool: KVPool, place, shift) -> dict:
 def rank_main(rank: int, shape, init_method: str, ckpt: str, out_dir: str, shift, micro_batches) -> None:
     """One spawned rank: join the mesh, load its shard, run the case, save its results."""
     from stages.dit.weights import load_dit
-    from stages.parallel.mesh import destroy_mesh, init_mesh, pool_dims, split_kv
+    from stages.parallel.kv_shards import pool_dims, split_kv
+    from stages.parallel.mesh import destroy_mesh, init_mesh
 
     torch.set_num_threads(1)
     cfg = tiny_cfg()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.dit.model import DiTInput
+from stages.dit.window_forward import DiTInput
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 

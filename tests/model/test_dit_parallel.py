@@ -16,7 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from stages.dit.weights import load_dit, write_tiny_checkpoint
-from stages.parallel.mesh import MeshShape, free_tcp_init_method, kv_groups_of, merge_kv_reads
+from stages.parallel.kv_shards import merge_kv_reads
+from stages.parallel.mesh import MeshShape, free_tcp_init_method, kv_groups_of
 from tests.model.parallel_cases import make_pool, rank_main, run_case, tiny_cfg
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -12,7 +12,8 @@ import torch
 from stages.dit.packed import PackedWindow
 from stages.dit.step import AbsentLayer
 from stages.dit.weights import load_dit, write_tiny_checkpoint
-from stages.parallel.mesh import MeshShape, build_mesh, init_mesh, kv_groups_of, merge_kv_reads, pool_dims, split_kv
+from stages.parallel.kv_shards import merge_kv_reads, pool_dims, split_kv
+from stages.parallel.mesh import MeshShape, build_mesh, init_mesh, kv_groups_of
 from stages.parallel.pipeline import chunk_spans, split_micro_batches
 from tests.model.parallel_cases import tiny_cfg, windows_1
 

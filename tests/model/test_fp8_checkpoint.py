@@ -10,8 +10,9 @@ from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, 
 from stages.config import magi_tiny
 from stages.dit.fp8 import FP8, PER_CHANNEL, PER_TENSOR, QuantizedFp8Linear, quantize_activation, set_fp8_mode
 from stages.dit.fp8_convert import dequantize_state_dict, quantize_state_dict
-from stages.dit.model import DiTInput, MagiDiT
+from stages.dit.model import MagiDiT
 from stages.dit.weights import load_dit, tiny_state_dict, write_tiny_checkpoint
+from stages.dit.window_forward import DiTInput
 
 FLOAT_CFG = magi_tiny().dit.model_copy(update={"num_layers": 3})
 FP8_CFG = FLOAT_CFG.model_copy(update={"fp8_quant": True})
