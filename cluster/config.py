@@ -91,18 +91,35 @@ class Deployments(_Strict):
 
 
 class EngineSettings(_Strict):
-    """DiT engine admission (:class:`cluster.engine.Engine`): jobs batched per step, jobs waiting.
+    """DiT engine admission and forwards (:class:`cluster.engine.Engine`): jobs batched per step,
+    jobs waiting, how a step's windows are grouped into DiT forwards.
 
     A job beyond ``max_active_jobs + queue_limit`` is refused with RESOURCE_EXHAUSTED
     and a retry hint; keep ``deployments.dit_engine.max_ongoing_requests`` at least
     their sum so that requests wait in the engine's queue rather than in Serve's.
+
+    ``batch_cfg`` and ``max_forward_tokens`` change the activation memory of a step, so the
+    replica's capacity (:mod:`cluster.capacity.replica`) is planned with them and the engine is
+    built with the same values. Outputs do not depend on either (same windows, bitwise on CPU
+    float32; tests/model/test_engine_batching.py). Without a token budget a step is one forward
+    over every active job, so activations grow with the jobs admitted; with one, they stop
+    growing at the budget and the KV pool alone bounds the jobs. One window is ``W + 1`` chunks
+    (``+ 1`` distilled) of ``tokens_per_chunk`` tokens: 5 x 21600 = 108000 tokens for MAGI-1
+    at 720x1280, the smallest useful budget (``python -m cluster.capacity.profiles`` prints it).
     """
 
-    max_active_jobs: int = Field(4, gt=0, description="jobs packed into one DiT forward at most")
+    max_active_jobs: int = Field(4, gt=0, description="jobs advanced by one engine step at most")
     queue_limit: int = Field(16, ge=0, description="jobs waiting for admission at most")
     attention: str = Field("auto", pattern="^(auto|sdpa|flash)$",
                            description="range-attention backend (stages.dit.flash_attention.make_attention): "
                            "auto = flash varlen on CUDA when a kernel is usable, else SDPA")
+    batch_cfg: bool = Field(True, description="guidance branches (cond, text, uncond) of cfg_number 3 models in "
+                            "one DiT forward; false = one forward per branch kind (smaller activations, "
+                            "more forwards)")
+    max_forward_tokens: int | None = Field(None, gt=0, description="query tokens of one DiT forward at most: a "
+                                           "step's windows are split over several forwards (a window is never "
+                                           "split); bounds activation memory however many jobs are active; "
+                                           "None = one forward per step")
 
 
 class ParallelSettings(_Strict):

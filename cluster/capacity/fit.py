@@ -12,7 +12,12 @@ Per GPU rank (all ranks of a replica are planned as the heaviest one)::
 
 The engine packs every active job into one forward (continuous batching), so activations grow
 with the jobs admitted: with ``jobs_per_forward`` None (the engine) the plan is solved for the
-largest j (at most ``max_active_jobs``) whose plan with j jobs per forward still admits j.
+largest j (at most ``max_active_jobs``) whose plan with j jobs per step still admits j.
+``max_forward_tokens`` (``engine.max_forward_tokens``) splits a step into forwards of at most
+that many query tokens: activations are those of the largest such forward
+(:func:`cluster.capacity.working_set.forward_chunks`), so past the budget they no longer grow
+with j and the KV pool alone bounds the jobs. ``batch_cfg`` False (``engine.batch_cfg``) plans
+one forward per guidance branch kind.
 The engine then allocates ``kv_pool_blocks = jobs * blocks_per_job`` (``Engine(kv_pool_blocks=...)``).
 
 Weights: :mod:`stages.parallel.weights` (exact, checked against the reference manifests).
@@ -102,9 +107,11 @@ def _problems(model: ModelConfig, gpu: GpuSpec, s: FitSettings, kv: int) -> tupl
 
 
 def _plan(model: ModelConfig, gpu: GpuSpec, s: FitSettings, h: int, w: int, jobs: int) -> FitPlan:
-    """The plan with activations for ``jobs`` jobs per forward."""
+    """The plan with activations for a step of ``jobs`` jobs (its largest forward)."""
+    prefix = s.prefix_chunks if s.prefix_forward_chunks is None else s.prefix_forward_chunks
     shape = ws.step_shape(model, h, w, cp_size=s.cp_size, pp_size=s.pp_size, jobs_per_forward=jobs,
-                          batch_cfg=s.batch_cfg, prefix_chunks=s.prefix_chunks, micro_batches=s.micro_batches)
+                          batch_cfg=s.batch_cfg, prefix_chunks=prefix, micro_batches=s.micro_batches,
+                          max_forward_tokens=s.max_forward_tokens)
     kv = kv_plan(model, h, w, cp_size=s.cp_size, pp_size=s.pp_size, prefix_chunks=s.prefix_chunks)
     stages = tuple(nbytes(dit_stage_counts(model.dit, r)) for r in stage_layers(model.dit.num_layers, s.pp_size))
     acts = ws.activation_terms(model, shape, cp_size=s.cp_size, pp_size=s.pp_size, attention=s.attention,
@@ -126,8 +133,9 @@ def _plan(model: ModelConfig, gpu: GpuSpec, s: FitSettings, h: int, w: int, jobs
 
 
 def _solve_batched(model: ModelConfig, gpu: GpuSpec, s: FitSettings, h: int, w: int) -> FitPlan:
-    """Largest j whose plan with j jobs per forward admits j (admission is non-increasing in
-    j, so a binary search over [1, jobs admitted at j = 1] finds it); the plan of j, admitting j."""
+    """Largest j whose plan with j jobs per step admits j (admission is non-increasing in j:
+    activations never shrink as j grows, so a binary search over [1, jobs admitted at j = 1]
+    finds it); the plan of j, admitting j."""
     best = _plan(model, gpu, s, h, w, 1)
     lo, hi = 1, best.max_concurrent_jobs
     if hi < 1:

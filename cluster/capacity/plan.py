@@ -23,15 +23,23 @@ class FitSettings(BaseModel):
         height, width: video resolution in pixels; None = the model's default.
         kv_pool_fraction: share of the memory left after fixed terms given to the KV pool
             (and the jobs' latents).
-        jobs_per_forward: jobs packed into one DiT call (activations scale with it); None =
-            every admitted job in one forward, as the engine runs them (solved, module docstring).
+        jobs_per_forward: jobs in one engine step (activations scale with them up to
+            ``max_forward_tokens``); None = every admitted job in the step, as the engine runs
+            them (solved, :mod:`cluster.capacity.fit`).
         max_active_jobs: cap on the jobs admitted (``engine.max_active_jobs``); None = no cap.
-        prefix_chunks: whole V2V prefix chunks a job may bring (all are forwarded in one
-            prefix-extraction call): ``max_prefix_frames // temporal_downsample_factor //
-            chunk_width``; 0 when V2V is off or the prefix fits the window.
+        prefix_chunks: whole V2V prefix chunks every job brings (all are forwarded in one
+            prefix-extraction call; the KV region grows with them):
+            ``max_prefix_frames // temporal_downsample_factor // chunk_width``; 0 = T2V/I2V jobs.
+        prefix_forward_chunks: whole prefix chunks of the longest prefix-extraction forward
+            (activations only; the engine admits a larger V2V region by its blocks); None =
+            ``prefix_chunks``. The replica plans ``limits.max_prefix_frames``.
+        max_forward_tokens: query tokens of one DiT forward at most (``engine.max_forward_tokens``,
+            :class:`cluster.engine.runner.BatchRunner`; a window is never split); None = one
+            forward per step (per branch kind without ``batch_cfg``).
         micro_batches: micro-batches per forward (``parallel.micro_batches``); None = the mesh
             default (``2 * pp_size`` with a pipeline, else 1); ignored on a single rank.
-        batch_cfg: CFG branches of cfg_number 3 models share one DiT call (the engine's default).
+        batch_cfg: CFG branches of cfg_number 3 models share one DiT call (``engine.batch_cfg``,
+            the engine's default); False = one call per branch kind.
         attention: ``flash`` (varlen kernel, no score matrix; the engine on CUDA) or ``sdpa``
             (one SDPA call per chunk, :class:`stages.dit.attention.SdpaRangeAttention`; the
             engine on CPU).
@@ -54,6 +62,8 @@ class FitSettings(BaseModel):
     jobs_per_forward: int | None = Field(None, ge=1)
     max_active_jobs: int | None = Field(None, ge=1)
     prefix_chunks: int = Field(0, ge=0)
+    prefix_forward_chunks: int | None = Field(None, ge=0)
+    max_forward_tokens: int | None = Field(None, ge=1)
     micro_batches: int | None = Field(None, ge=1)
     batch_cfg: bool = True
     attention: Literal["flash", "sdpa"] = "flash"
@@ -73,7 +83,9 @@ class FitPlan:
     ``max_concurrent_jobs`` is what admission may hold at once (the engine's
     ``max_active_jobs``), ``kv_pool_blocks`` the pool the engine allocates for them;
     ``shortfall_bytes`` is how much more memory per GPU one job would need (0 when it fits).
-    ``jobs_per_forward`` is the number of jobs the activations were planned for.
+    ``jobs_per_forward`` is the number of jobs in the step the activations were planned for
+    (all in one forward unless ``settings.max_forward_tokens`` splits the step; ``shape`` is
+    the largest forward).
     """
 
     model: str

@@ -3,10 +3,12 @@
 :func:`replica_capacity` plans the replica described by a :class:`cluster.config.ServiceConfig`
 (``parallel.cp_size`` x ``parallel.pp_size`` ranks on ``parallel.gpu`` devices, jobs of
 ``parallel.plan_height`` x ``parallel.plan_width``, ``parallel.kv_pool_fraction``, at most
-``engine.max_active_jobs`` jobs) and returns what the engine needs::
+``engine.max_active_jobs`` jobs, forwards as ``engine.batch_cfg`` and ``engine.max_forward_tokens``
+run them, V2V prefix-extraction forwards of up to ``limits.max_prefix_frames``) and returns what
+the engine needs::
 
     cap = replica_capacity(cfg, model, dtype="bfloat16")      # raises DoesNotFit
-    Engine(..., max_active_jobs=cap.max_active_jobs, kv_pool_blocks=cap.kv_pool_blocks)
+    Engine(..., **cap.engine_kwargs())   # max_active_jobs, kv_pool_blocks, batch_cfg, max_forward_tokens
 
 Device (``parallel.gpu``):
 
@@ -37,7 +39,8 @@ from stages.config import ModelConfig
 from stages.errors import InvalidInput
 
 SETTINGS_HINT = ("settings: parallel.cp_size, parallel.pp_size, parallel.gpu, parallel.plan_height / plan_width, "
-                 "parallel.kv_pool_fraction, engine.max_active_jobs (cluster.config)")
+                 "parallel.kv_pool_fraction, engine.max_active_jobs, engine.batch_cfg, engine.max_forward_tokens "
+                 "(cluster.config)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class Capacity:
             what the KV pool and the activations of one packed forward admit) -> ``Engine(max_active_jobs=)``.
         kv_pool_blocks: the engine's KV-pool size in blocks (block = one chunk at the model's
             default size): ``max_active_jobs * blocks per job`` -> ``Engine(kv_pool_blocks=)``.
+
+    The forward options the activations were planned for (``plan.settings.batch_cfg``,
+    ``plan.settings.max_forward_tokens``) go to the engine with them (:meth:`engine_kwargs`).
     """
 
     plan: FitPlan
@@ -60,9 +66,12 @@ class Capacity:
     def device(self) -> GpuSpec:
         return self.plan.gpu
 
-    def engine_kwargs(self) -> dict[str, int]:
-        """``{"max_active_jobs": ..., "kv_pool_blocks": ...}`` for :class:`cluster.engine.Engine`."""
-        return {"max_active_jobs": self.max_active_jobs, "kv_pool_blocks": self.kv_pool_blocks}
+    def engine_kwargs(self) -> dict[str, int | bool | None]:
+        """``max_active_jobs``, ``kv_pool_blocks``, ``batch_cfg`` and ``max_forward_tokens`` for
+        :class:`cluster.engine.Engine`: the engine runs the forwards that were planned."""
+        s = self.plan.settings
+        return {"max_active_jobs": self.max_active_jobs, "kv_pool_blocks": self.kv_pool_blocks,
+                "batch_cfg": s.batch_cfg, "max_forward_tokens": s.max_forward_tokens}
 
 
 def host_available_bytes() -> int:
@@ -108,12 +117,22 @@ def _with_dtype(model: ModelConfig, dtype: str | None) -> ModelConfig:
     return model.model_copy(update={"dit": model.dit.model_copy(update={"params_dtype": dtype})})
 
 
-def replica_settings(cfg: ServiceConfig, device: GpuSpec) -> FitSettings:
-    """The planner settings of a replica of ``cfg`` on ``device``."""
-    p = cfg.parallel
+def max_prefix_chunks(cfg: ServiceConfig, model: ModelConfig) -> int:
+    """Whole prefix chunks of the longest V2V prefix ``limits.max_prefix_frames`` admits
+    (:func:`cluster.scheduler.chunks.prefix_split` of its latent frames, as
+    :func:`cluster.serve.stream.expected_frames` counts them)."""
+    sp = model.sampling
+    return cfg.limits.max_prefix_frames // sp.temporal_downsample_factor // sp.chunk_width
+
+
+def replica_settings(cfg: ServiceConfig, device: GpuSpec, model: ModelConfig | None = None) -> FitSettings:
+    """The planner settings of a replica of ``cfg`` on ``device`` (``model``: for the longest
+    V2V prefix forward; None = ``cfg.load_model()``)."""
+    p, e = cfg.parallel, cfg.engine
     return FitSettings(cp_size=p.cp_size, pp_size=p.pp_size, height=p.plan_height, width=p.plan_width,
-                       kv_pool_fraction=p.kv_pool_fraction, max_active_jobs=cfg.engine.max_active_jobs,
-                       micro_batches=p.micro_batches,
+                       kv_pool_fraction=p.kv_pool_fraction, max_active_jobs=e.max_active_jobs,
+                       micro_batches=p.micro_batches, batch_cfg=e.batch_cfg, max_forward_tokens=e.max_forward_tokens,
+                       prefix_forward_chunks=max_prefix_chunks(cfg, model or cfg.load_model()),
                        attention="sdpa" if device.kind == "cpu" else "flash")
 
 
@@ -131,14 +150,15 @@ def replica_capacity(cfg: ServiceConfig, model: ModelConfig, *, dtype: str | Non
     Raises:
         DoesNotFit: the replica cannot hold the weights, one forward's activations and one
             job's KV region; the message gives the shortfall per GPU, the changes evaluated
-            (more cp, more pp, fp8, lower resolution) and the settings to change.
+            (more cp, more pp, fp8, lower resolution, engine.batch_cfg false,
+            engine.max_forward_tokens) and the settings to change.
         ConfigError: ``parallel.cp_size`` / ``parallel.pp_size`` / ``parallel.plan_height`` /
             ``parallel.plan_width`` / ``parallel.gpu`` invalid for this model (key named).
     """
     p = cfg.parallel
     try:
         spec = device or _share(detect_device(p.gpu, p.world_size), cfg.deployments.dit_engine.num_gpus)
-        plan = check_fits(_with_dtype(model, dtype), spec, replica_settings(cfg, spec))
+        plan = check_fits(_with_dtype(model, dtype), spec, replica_settings(cfg, spec, model))
     except InvalidInput as err:
         key = {"height": "plan_height", "width": "plan_width"}.get(err.field, err.field)
         raise ConfigError(f"parallel.{key}: {err.reason} (model {model.name})") from None

@@ -35,11 +35,12 @@ def explain(plan: FitPlan) -> str:
         lines.append(f"{' ' * indent}{label:<{70 - indent}}{format_bytes(n, 'GiB', 2, 8)}")
 
     row(f"weights (heaviest of {s.pp_size} stage(s), {sh.layers_per_stage} layers)", plan.weights_bytes)
-    row(f"activations ({plan.jobs_per_forward} job(s)/forward, {sh.chunks_per_forward} chunks,"
+    row(f"activations (largest forward of a {plan.jobs_per_forward}-job step: {sh.chunks_per_forward} chunks,"
         f" {sh.tokens_per_rank} tokens/rank" + (f", {sh.micro_batches} micro-batches" if sh.micro_batches > 1 else "")
         + ")", plan.activation_bytes)
     for name, n in plan.activation_terms:
         row(name, n, 4)
+    lines.append(f"    {forward_line(plan)}")
     for name, n in plan.companion_terms + plan.overhead_terms:
         row(name, n)
     row("= fixed", plan.fixed_bytes)
@@ -59,6 +60,22 @@ def explain(plan: FitPlan) -> str:
     lines.append(f"max concurrent jobs: {plan.max_concurrent_jobs}  -> {verdict}")
     lines.extend(f"problem: {p}" for p in plan.problems)
     return "\n".join(lines)
+
+
+def window_tokens(plan: FitPlan) -> int:
+    """Query tokens of the largest window of a job's step at the planned resolution: the
+    smallest ``max_forward_tokens`` that changes anything (a window is never split)."""
+    return plan.shape.window_chunks * plan.shape.tokens_per_chunk
+
+
+def forward_line(plan: FitPlan) -> str:
+    """How the step's windows become forwards (``engine.batch_cfg``, ``engine.max_forward_tokens``)."""
+    s, sh = plan.settings, plan.shape
+    budget = "none (one forward per step)" if s.max_forward_tokens is None else s.max_forward_tokens
+    prefix = f", V2V prefix window {sh.prefix_chunks} chunks" if sh.prefix_chunks > sh.window_chunks else ""
+    return (f"forwards: batch_cfg {str(s.batch_cfg).lower()}, max_forward_tokens {budget}; a job's step"
+            f" {sh.chunks_per_job} chunks of {sh.tokens_per_chunk} tokens in windows of <= {sh.window_chunks} chunks"
+            f" ({window_tokens(plan)} tokens){prefix}")
 
 
 def _outcome(plan: FitPlan) -> str:
@@ -111,12 +128,26 @@ def _candidates(model: ModelConfig, plan: FitPlan) -> list[tuple[str, ModelConfi
     for scale in RESOLUTION_SCALES:
         h, w = _smaller(plan.height, scale, step), _smaller(plan.width, scale, step)
         out.append((f"resolution {h}x{w}", model, {"height": h, "width": w}))
-    if s.batch_cfg:
-        out.append(("batch_cfg false", model, {"batch_cfg": False}))
+    out.extend(_forward_candidates(model, plan))
     if s.jobs_per_forward is not None and s.jobs_per_forward > 1:
         out.append(("jobs_per_forward 1", model, {"jobs_per_forward": 1}))
     if s.colocate_text_encoder or s.colocate_vae:
         out.append(("T5 and VAE on their own GPUs", model, {"colocate_text_encoder": False, "colocate_vae": False}))
+    return out
+
+
+def _forward_candidates(model: ModelConfig, plan: FitPlan) -> list[tuple[str, ModelConfig, dict]]:
+    """The engine's forward settings (cluster.config.EngineSettings): branch kinds in separate
+    forwards, and a token budget of one window per forward, where either makes the largest
+    forward smaller."""
+    s, sh = plan.settings, plan.shape
+    out: list[tuple[str, ModelConfig, dict]] = []
+    if s.batch_cfg and model.sampling.cfg_number == 3:
+        out.append(("engine.batch_cfg false (one forward per guidance branch kind)", model, {"batch_cfg": False}))
+    if sh.chunks_per_forward > max(sh.window_chunks, sh.prefix_chunks):
+        n = window_tokens(plan)
+        label = f"engine.max_forward_tokens {n} (one {sh.window_chunks}-chunk window per forward)"
+        out.append((label, model, {"max_forward_tokens": n}))
     return out
 
 

@@ -16,8 +16,16 @@ Token geometry (DESIGN.md section 3; reference ``generate_per_chunk``):
   branches share one call: ``2 (W + 1) + W`` chunks (``main`` and ``text`` over the window,
   ``uncond`` over the W noisy chunks alone, :mod:`cluster.engine.windows`); otherwise one call
   per branch kind. A V2V prefix-extraction forward holds all whole prefix chunks (one
-  branch); the largest call is the larger of the two. Times ``jobs_per_forward`` (the engine
-  packs every active job into one forward).
+  branch); the largest call is the larger of the two. Times the j jobs of the step (the engine
+  packs every active job into one forward; jobs submitted together extract their prefixes in
+  the same step): ``j max(c, P)`` for jobs of c chunks and P prefix chunks.
+* ``max_forward_tokens`` B (:class:`cluster.engine.runner.BatchRunner`): the step's windows
+  (``main``, ``text``, ``uncond`` per job, never split) are packed in order into forwards of at
+  most B query tokens; a window larger than B runs alone. The largest forward is then at most
+  ``max(floor(B / tpc), largest window)`` chunks (largest window ``W + 1``, ``+ 1`` distilled,
+  or the P prefix chunks), and never more than the unbounded step: activations stop growing
+  with the jobs admitted. Planned for jobs of the planned resolution (smaller jobs fit more
+  windows, thus more caption rows, into B tokens).
 * pipeline parallelism (pp_size > 1) cuts the step's tokens at chunk boundaries into
   ``micro_batches`` (default ``2 pp_size``, :mod:`stages.parallel.mesh`) that every stage runs
   one after another: a layer's temporaries are those of ``ceil(chunks / micro_batches)``
@@ -83,6 +91,10 @@ class StepShape:
         micro_batches: pipeline micro-batches per forward (1 without pipeline parallelism).
         chunks_per_micro_batch: chunks of the largest micro-batch.
         micro_tokens_per_rank: its tokens per rank (= tokens_per_rank without pipelining).
+        chunks_per_job: one job's chunks in one forward (full window, no token budget): all
+            branches with batch_cfg, else the largest branch kind.
+        window_chunks: chunks of the largest window of a job's step (a forward never splits one).
+        prefix_chunks: chunks of the largest V2V prefix-extraction window (0 = none planned).
         kv_range_chunks: R, chunks of keys one query chunk reads at most.
         kv_heads_per_rank: K/V heads each rank stores.
         q_heads_per_rank: query heads each rank attends with.
@@ -97,6 +109,9 @@ class StepShape:
     micro_batches: int
     chunks_per_micro_batch: int
     micro_tokens_per_rank: int
+    chunks_per_job: int
+    window_chunks: int
+    prefix_chunks: int
     kv_range_chunks: int
     kv_heads_per_rank: int
     q_heads_per_rank: int
@@ -104,19 +119,38 @@ class StepShape:
     act_bytes: int
 
 
+def job_chunks(model: ModelConfig, batch_cfg: bool) -> tuple[int, int]:
+    """(chunks of one job in one forward, chunks of its largest window) for a step with the
+    full window (module docstring): cfg_number 3 with batch_cfg ``2 (W + 1) + W`` (main, text,
+    uncond), else ``W + 1``; distilled models ``+ 1`` (the self-only nearly clean chunk)."""
+    smp = model.sampling
+    w, extra = smp.window_size, int(smp.distill)
+    per_job = 2 * (w + 1) + w if (batch_cfg and smp.cfg_number == 3) else w + 1
+    return per_job + extra, w + 1 + extra
+
+
+def forward_chunks(per_job: int, window: int, prefix_chunks: int, jobs: int, budget_chunks: int | None) -> int:
+    """Chunks of the largest forward of a step of ``jobs`` jobs (module docstring);
+    ``budget_chunks`` = ``max_forward_tokens // tpc`` (None = one forward per step or branch kind)."""
+    unbounded = max(per_job, prefix_chunks) * jobs
+    if budget_chunks is None:
+        return unbounded
+    return min(unbounded, max(budget_chunks, window, prefix_chunks))
+
+
 def step_shape(model: ModelConfig, height: int, width: int, *, cp_size: int, pp_size: int,
                jobs_per_forward: int, batch_cfg: bool, prefix_chunks: int = 0,
-               micro_batches: int | None = None) -> StepShape:
-    """Geometry of the largest DiT call; the caller validated cp/pp/resolution.
-    ``micro_batches``: None = the mesh default (``2 * pp_size`` with a pipeline, else 1)."""
+               micro_batches: int | None = None, max_forward_tokens: int | None = None) -> StepShape:
+    """Geometry of the largest DiT call of a step of ``jobs_per_forward`` jobs; the caller
+    validated cp/pp/resolution. ``micro_batches``: None = the mesh default (``2 * pp_size`` with
+    a pipeline, else 1). ``max_forward_tokens``: the engine's token budget per forward (None =
+    every job in one forward)."""
     dit, smp = model.dit, model.sampling
     f = model.vae_spatial_factor
     tpc = dit.tokens_per_chunk(smp.chunk_width, height // f, width // f)
-    w = smp.window_size
-    chunks = 2 * (w + 1) + w if (batch_cfg and smp.cfg_number == 3) else w + 1
-    if smp.distill:
-        chunks += 1
-    chunks = max(chunks, prefix_chunks) * jobs_per_forward
+    per_job, window = job_chunks(model, batch_cfg)
+    budget = None if max_forward_tokens is None else max_forward_tokens // tpc
+    chunks = forward_chunks(per_job, window, prefix_chunks, jobs_per_forward, budget)
     tokens = chunks * tpc
     if cp_size * pp_size == 1:
         micro = 1  # no mesh: one forward over the whole step
@@ -126,7 +160,8 @@ def step_shape(model: ModelConfig, height: int, width: int, *, cp_size: int, pp_
     return StepShape(
         tokens_per_chunk=tpc, chunks_per_forward=chunks, tokens_per_forward=tokens,
         tokens_per_rank=math.ceil(tokens / cp_size), micro_batches=micro, chunks_per_micro_batch=micro_chunks,
-        micro_tokens_per_rank=math.ceil(micro_chunks * tpc / cp_size), kv_range_chunks=max(smp.noise2clean_kvrange, default=1),
+        micro_tokens_per_rank=math.ceil(micro_chunks * tpc / cp_size), chunks_per_job=per_job,
+        window_chunks=window, prefix_chunks=prefix_chunks, kv_range_chunks=max(smp.noise2clean_kvrange, default=1),
         kv_heads_per_rank=kv_groups_per_rank(dit.num_query_groups, cp_size),
         q_heads_per_rank=dit.num_attention_heads // cp_size,
         layers_per_stage=dit.num_layers // pp_size, act_bytes=DTYPE_BYTES[dit.params_dtype],

@@ -238,3 +238,68 @@ def test_long_v2v_prefix_enlarges_the_largest_forward_and_the_region():
     assert long.shape.chunks_per_forward == 8 and long.activation_bytes > base.activation_bytes
     assert long.kv.areas == KVAreas(main=8, text=5, uncond=4) == default_job_areas(M45.sampling, 8)
     assert long.kv_bytes_per_job == base.kv_bytes_per_job * 17 // 14
+
+
+H100_PROFILE = FitSettings(cp_size=8, height=720, width=1280)  # configs/profiles/24B-8xH100.yaml without a budget
+TPC_24B = 6 * (720 // 16) * (1280 // 16)  # 21600 tokens per chunk at 720x1280
+
+
+@pytest.mark.parametrize("budget,chunks", [
+    (None, 3 * 14),  # one forward: main 5 + text 5 + uncond 4 per job
+    (1, 5),  # below one window: every window alone, the largest is 5 chunks
+    (5 * TPC_24B, 5), (12 * TPC_24B + TPC_24B - 1, 12),  # windows packed up to floor(budget / tpc) chunks
+    (100 * TPC_24B, 3 * 14),  # never more than the whole step
+])
+def test_token_budget_bounds_the_largest_forward(budget, chunks):
+    plan = plan_fit(M24, "h100-80gb-sxm", H100_PROFILE.model_copy(update={"max_forward_tokens": budget,
+                                                                          "jobs_per_forward": 3}))
+    assert plan.shape.chunks_per_forward == chunks and plan.shape.tokens_per_forward == chunks * TPC_24B
+    assert plan.shape.window_chunks == 5 and plan.shape.chunks_per_job == 14
+
+
+def test_bounded_forward_admits_more_jobs_for_the_24b_8xh100_profile():
+    """One forward over every job: activations of j jobs, 1 job admitted at 720x1280. A budget
+    of one window: the same activations for any j, so the KV pool alone bounds the jobs."""
+    one = plan_fit(M24, "h100-80gb-sxm", H100_PROFILE)
+    bounded = plan_fit(M24, "h100-80gb-sxm", H100_PROFILE.model_copy(update={"max_forward_tokens": 5 * TPC_24B}))
+    assert one.max_concurrent_jobs == 1 and bounded.max_concurrent_jobs == 3
+    assert bounded.shape.chunks_per_forward == 5 and bounded.jobs_per_forward == 3
+    fixed_one = plan_fit(M24, "h100-80gb-sxm", bounded.settings.model_copy(update={"jobs_per_forward": 1}))
+    assert fixed_one.activation_bytes == bounded.activation_bytes  # activations no longer grow with the jobs
+    n, per = bounded.max_concurrent_jobs, bounded.gpu_bytes_per_job
+    assert n * per <= bounded.kv_pool_budget_bytes < (n + 1) * per  # the pool is what stops the 4th job
+
+
+@settings(max_examples=25, deadline=None)
+@given(preset=st.sampled_from(PRESETS), gib=st.integers(20, 400), windows=st.integers(1, 6),
+       batch_cfg=st.booleans(), prefix=st.sampled_from([0, 8]))
+def test_a_budget_never_admits_fewer_jobs_and_is_solved_exactly(preset, gib, windows, batch_cfg, prefix):
+    model, gpu = load_preset(preset), GpuSpec("x", "test GPU", gib * GiB, (9, 0))
+    base = FitSettings(cp_size=8, batch_cfg=batch_cfg, prefix_forward_chunks=prefix)
+    unbounded = plan_fit(model, gpu, base)
+    sh = unbounded.shape
+    budget = windows * sh.window_chunks * sh.tokens_per_chunk
+    plan = plan_fit(model, gpu, base.model_copy(update={"max_forward_tokens": budget}))
+    assert plan.max_concurrent_jobs >= unbounded.max_concurrent_jobs
+    more_jobs = plan.max_concurrent_jobs > unbounded.max_concurrent_jobs
+    assert plan.activation_bytes <= unbounded.activation_bytes or more_jobs
+    assert plan.shape.tokens_per_forward <= max(budget, max(sh.window_chunks, prefix) * sh.tokens_per_chunk)
+    j = plan.max_concurrent_jobs
+    if j >= 1:  # j jobs fit with the activations of j jobs' largest forward; j + 1 would not
+        more = plan_fit(model, gpu, plan.settings.model_copy(update={"jobs_per_forward": j + 1}))
+        assert more.max_concurrent_jobs < j + 1
+
+
+def test_does_not_fit_names_the_engine_forward_settings():
+    with pytest.raises(DoesNotFit) as err:
+        check_fits(M24, "h100-80gb-sxm", FitSettings(cp_size=2))
+    msg = str(err.value)
+    tried = dict(err.value.options)
+    window = "engine.max_forward_tokens 108000 (one 5-chunk window per forward)"
+    assert "engine.batch_cfg false (one forward per guidance branch kind) -> " in msg and f"{window} -> " in msg
+    assert tried[window].settings.max_forward_tokens == 108000 and tried[window].shape.chunks_per_forward == 5
+    assert not tried["engine.batch_cfg false (one forward per guidance branch kind)"].settings.batch_cfg
+    distilled = load_preset("magi-24B-distill")  # one window per job, no guidance branches: nothing to offer
+    with pytest.raises(DoesNotFit) as err:
+        check_fits(distilled, "rtx-4090", FitSettings())
+    assert "engine.batch_cfg" not in str(err.value) and "engine.max_forward_tokens" not in str(err.value)

@@ -26,7 +26,8 @@ def test_shipped_profile_fits_and_admits_a_job(name):
     profile = load_profiles()[name]
     plan = profile.check()
     assert plan.fits and plan.max_concurrent_jobs >= 1
-    assert plan.jobs_per_forward == plan.max_concurrent_jobs  # every admitted job in one forward, as the engine runs
+    assert plan.jobs_per_forward == plan.max_concurrent_jobs  # activations of a step of every admitted job
+    assert plan.settings.prefix_forward_chunks == 192 // 4 // 6  # the V2V prefix forward the replica plans
     assert plan.fixed_bytes + plan.max_concurrent_jobs * plan.gpu_bytes_per_job <= plan.memory_bytes
     assert plan.kv.areas == default_job_areas(profile.load_model().sampling)  # the engine's KV region
     assert plan.kv_pool_blocks == plan.max_concurrent_jobs * plan.kv.blocks_per_job
@@ -35,6 +36,16 @@ def test_shipped_profile_fits_and_admits_a_job(name):
 def test_h100_profile_runs_the_reference_resolution():
     plan = load_profiles()["24B-8xH100"].check()
     assert (plan.height, plan.width) == (720, 1280) and plan.num_gpus == 8
+
+
+def test_h100_profile_bounds_its_forwards_to_one_window():
+    """engine.max_forward_tokens = one 5-chunk window: 3 jobs instead of 1 (yaml comment)."""
+    profile = load_profiles()["24B-8xH100"]
+    plan = profile.check()
+    assert profile.max_forward_tokens == 5 * plan.shape.tokens_per_chunk == 108000  # W + 1 chunks
+    assert plan.max_concurrent_jobs == 3
+    unbounded = profile.model_copy(update={"max_forward_tokens": None}).check()
+    assert unbounded.max_concurrent_jobs == 1 and unbounded.activation_bytes > plan.activation_bytes
 
 
 def _write(tmp_path, text: str, name: str = "p.yaml"):

@@ -25,8 +25,11 @@ def test_fitting_replica_sizes_the_engine_from_the_plan():
     assert (plan.height, plan.width) == (720, 1280)  # the model's default size: the engine's block
     assert cap.max_active_jobs == plan.max_concurrent_jobs == plan.jobs_per_forward >= 1
     assert cap.kv_pool_blocks == cap.max_active_jobs * plan.kv.blocks_per_job == plan.kv_pool_blocks
-    assert cap.engine_kwargs() == {"max_active_jobs": cap.max_active_jobs, "kv_pool_blocks": cap.kv_pool_blocks}
-    same = check_fits(cfg.load_model(), "rtx-4090", FitSettings(cp_size=4, pp_size=2, max_active_jobs=4))
+    assert cap.engine_kwargs() == {"max_active_jobs": cap.max_active_jobs, "kv_pool_blocks": cap.kv_pool_blocks,
+                                   "batch_cfg": True, "max_forward_tokens": None}  # the engine's defaults
+    assert plan.settings.prefix_forward_chunks == 192 // 4 // 6  # limits.max_prefix_frames in whole chunks
+    same = check_fits(cfg.load_model(), "rtx-4090", FitSettings(cp_size=4, pp_size=2, max_active_jobs=4,
+                                                                prefix_forward_chunks=8))
     assert same.max_concurrent_jobs == cap.max_active_jobs and same.kv_pool_bytes == plan.kv_pool_bytes
 
 
@@ -48,8 +51,10 @@ def test_24b_on_one_4090_refuses_to_start_and_names_what_to_change():
     assert msg.startswith("DiTEngine replica cannot start: magi-24B-base on 1 x NVIDIA GeForce RTX 4090")
     assert f"short by {plan.shortfall_bytes / GiB:.1f} GiB per GPU" in msg and plan.shortfall_bytes > 40 * GiB
     for change in ("cp_size 2", "pp_size 2", "fp8 weights", "resolution", "smallest layout",
-                   "parallel.cp_size", "parallel.pp_size", "parallel.plan_height"):
+                   "parallel.cp_size", "parallel.pp_size", "parallel.plan_height",
+                   "engine.batch_cfg false", "engine.max_forward_tokens 108000 (one 5-chunk window per forward)"):
         assert change in msg
+    assert "batch_cfg false ->" not in msg.replace("engine.batch_cfg false", "")  # only the real setting key
     assert any(p.fits for label, p in err.value.options if label.startswith("smallest layout"))
 
 
@@ -122,3 +127,44 @@ def test_layouts_the_model_cannot_split_name_the_key(parallel, key):
     cfg = service("magi-4.5B-base", **parallel)
     with pytest.raises(ConfigError, match=key):
         replica_capacity(cfg, cfg.load_model())
+
+
+H100_8 = dict(cp_size=8, gpu="h100-80gb-sxm", plan_height=720, plan_width=1280)  # configs/profiles/24B-8xH100.yaml
+WINDOW_24B = 5 * 6 * (720 // 16) * (1280 // 16)  # one 5-chunk window at 720x1280: 108000 tokens
+
+
+def test_bounded_forward_admits_more_jobs_on_8xh100():
+    """24B on 8 x H100 at 720x1280: one forward over every job makes activations grow with the
+    jobs (1 admitted); engine.max_forward_tokens of one window bounds them, and the KV pool
+    alone limits the jobs."""
+    model = ServiceConfig(model="magi-24B-base").load_model()
+    engine = {"max_active_jobs": 16}
+    one = replica_capacity(service("magi-24B-base", **H100_8, engine=engine), model)
+    bounded = replica_capacity(service("magi-24B-base", **H100_8, engine={**engine, "max_forward_tokens": WINDOW_24B}),
+                               model)
+    assert one.max_active_jobs == 1 and bounded.max_active_jobs >= 3
+    plan = bounded.plan
+    # the largest forward: the longest V2V prefix (192 frames = 8 chunks) in one window, not 3 jobs x 14 chunks
+    assert plan.shape.chunks_per_forward == 8 < 3 * plan.shape.chunks_per_job
+    assert plan.activation_bytes < one.plan.activation_bytes
+    # the pool bounds admission: one more job's KV region does not fit the budget
+    assert (bounded.max_active_jobs + 1) * plan.gpu_bytes_per_job > plan.kv_pool_budget_bytes
+    assert bounded.engine_kwargs()["max_forward_tokens"] == WINDOW_24B
+    assert bounded.kv_pool_blocks == bounded.max_active_jobs * 14
+    assert "forwards: batch_cfg true, max_forward_tokens 108000;" in plan.explain()
+
+
+def test_per_branch_forwards_are_planned():
+    model = ServiceConfig(model="magi-24B-base").load_model()
+    seq = replica_capacity(service("magi-24B-base", **H100_8, engine={"batch_cfg": False}), model)
+    assert seq.engine_kwargs()["batch_cfg"] is False and seq.max_active_jobs == 2
+    assert seq.plan.shape.chunks_per_forward == 2 * 8  # two V2V jobs' prefix windows in the same step
+
+
+@pytest.mark.parametrize("engine,key", [
+    ({"max_forward_tokens": 0}, "engine.max_forward_tokens"),
+    ({"batch_cfg": "sometimes"}, "engine.batch_cfg"),
+])
+def test_bad_engine_forward_settings_name_the_key(engine, key):
+    with pytest.raises(ConfigError, match=key):
+        ServiceConfig.from_dict({"engine": engine})
