@@ -36,6 +36,7 @@ from stages.errors import InvalidInput
 log = logging.getLogger(__name__)
 _HISTORY = 256  # finished jobs whose stats stay queryable
 _STEP_HISTORY = 64  # step intervals kept per job
+RANK_HEALTH_TIMEOUT_S = 10.0  # a mesh rank that does not answer a health check in this time is dead
 
 
 def start_engine(cfg: ServiceConfig) -> Engine:
@@ -166,6 +167,16 @@ class DiTEngineDeployment:
                 chunk; "caption" of the wrong shape.
         """
         await self._compute.call(self._engine.update_prompt, job_id, start_chunk, caption)
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: with a parallel mesh, every other rank must answer
+        (:meth:`cluster.serve.ranks.RayPeers.check`); raising makes Serve replace the replica.
+
+        Raises:
+            RuntimeError: a rank of the replica's mesh died or does not answer.
+        """
+        if self._engine.ranks is not None:
+            await self._engine.ranks.peers.check(RANK_HEALTH_TIMEOUT_S)
 
     def job_stats(self, job_id: str) -> dict | None:
         """Stats of a running or recently finished job (see :class:`JobStats`), or None."""

@@ -4,12 +4,14 @@ A replica with ``parallel.cp_size x parallel.pp_size = N > 1`` reserves N bundle
 ``placement_group_bundles``, STRICT_PACK: one node; :func:`rank_bundles`). The replica itself
 is rank 0 in bundle 0; :func:`start_rank_group` starts one :class:`cluster.engine.ranks.RankWorker`
 actor per other bundle, then all N processes join one torch.distributed group (NCCL on CUDA,
-gloo on CPU) through a TCP store on rank 0's node. Outside a placement group (tests driving an
+gloo on CPU) through a TCP store on rank 0's node. :meth:`RayPeers.check` backs the replica's
+Serve health check: a dead rank makes Serve replace the whole replica (a mesh cannot lose a rank). Outside a placement group (tests driving an
 engine directly) the actors are placed by Ray's default scheduler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +26,23 @@ from stages.config import ModelConfig
 from stages.parallel.mesh import MeshShape, free_tcp_init_method
 
 log = logging.getLogger(__name__)
+
+
+#: Concurrency group of :meth:`RankActor.alive`: a health check is answered while a forward runs.
+HEALTH_GROUP = "health"
+
+
+class RankActor(RankWorker):
+    """:class:`cluster.engine.ranks.RankWorker` as a Ray actor. Model and pool calls run in the
+    default concurrency group (one at a time, in submission order); :meth:`alive` runs in its
+    own group, so a health check does not wait behind a long forward."""
+
+    @ray.method(concurrency_group=HEALTH_GROUP)
+    def alive(self) -> int:
+        return self.mesh.rank
+
+
+_REMOTE_RANK = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(RankActor)
 
 
 class RayCall:
@@ -49,6 +68,20 @@ class RayPeers:
 
     def launch_each(self, method: str, args: Sequence[tuple]) -> RayCall:
         return RayCall([getattr(actor, method).remote(*a) for actor, a in zip(self.actors, args)])
+
+    async def check(self, timeout_s: float) -> None:
+        """Every peer answers :meth:`RankActor.alive` within ``timeout_s`` seconds.
+
+        Raises:
+            RuntimeError: a rank died or did not answer (the message names it); the replica's
+                mesh is broken and the replica must be replaced (Serve does it when the
+                deployment's ``check_health`` raises).
+        """
+        for rank, actor in enumerate(self.actors, start=1):
+            try:
+                await asyncio.wait_for(actor.alive.remote(), timeout_s)
+            except Exception as exc:  # noqa: BLE001 - RayActorError, timeout, ...
+                raise RuntimeError(f"DiT mesh rank {rank} is not answering: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         for actor in self.actors:
@@ -116,4 +149,4 @@ def _rank_actor(rank: int, settings: DeploymentSettings):
     if pg is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=rank, placement_group_capture_child_tasks=False)
-    return ray.remote(RankWorker).options(**options)
+    return _REMOTE_RANK.options(**options)

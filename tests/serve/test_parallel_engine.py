@@ -143,6 +143,7 @@ def test_served_replica_with_cp2_matches_cp1(service, client):
         assert [(len(g["bundles"]), g["strategy"]) for g in groups] == [(2, "STRICT_PACK")]
         request = make_request("a lighthouse at dusk", num_chunks=2, num_steps=8, seed=11, output_format="raw")
         got = Collected(list(client.generate(request, metadata=(("application", "magi-cp"),))))
+        serve.get_deployment_handle("DiTEngine", app_name="magi-cp").check_health.remote().result()
         want = Collected(list(client.generate(request, metadata=(("application", "magi"),))))
     finally:
         serve.delete("magi-cp")
@@ -151,3 +152,22 @@ def test_served_replica_with_cp2_matches_cp1(service, client):
     b = np.frombuffer(want.data(), np.uint8).astype(np.int16)
     assert a.shape == b.shape
     assert int(np.abs(a - b).max()) <= 2  # uint8 frames; latents differ by ~1e-6 (rounding flips)
+
+
+def test_dead_rank_fails_the_health_check(service, checkpoint):
+    """A rank that dies makes ``RayPeers.check`` (the replica's Serve health check) raise,
+    naming the rank, so that Serve replaces the replica."""
+    import asyncio
+
+    import ray
+
+    cfg, path = checkpoint
+    group = start_rank_group(ParallelSettings(cp_size=2, init_timeout_s=60), DeploymentSettings(num_cpus=0), cfg,
+                             str(path), torch_threads=1)
+    try:
+        asyncio.run(group.peers.check(30))
+        ray.kill(group.peers.actors[0])
+        with pytest.raises(RuntimeError, match="rank 1 is not answering"):
+            asyncio.run(group.peers.check(30))
+    finally:
+        group.close()
