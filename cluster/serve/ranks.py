@@ -56,15 +56,16 @@ class RayCall:
 
 
 class RayPeers:
-    """Ranks 1..N-1 as Ray actors (:class:`cluster.engine.ranks.Peers`). Arguments are put in
-    the object store once and shared by every peer."""
+    """Ranks 1..N-1 as Ray actors (:class:`cluster.engine.ranks.Peers`). With several peers the
+    arguments are put in the object store once and shared by all of them."""
 
     def __init__(self, actors: list[Any]):
         self.actors = actors
 
     def launch(self, method: str, *args: Any) -> RayCall:
-        refs = [ray.put(a) for a in args]
-        return RayCall([getattr(actor, method).remote(*refs) for actor in self.actors])
+        if len(self.actors) > 1:  # serialise once for every peer
+            args = tuple(ray.put(a) for a in args)
+        return RayCall([getattr(actor, method).remote(*args) for actor in self.actors])
 
     def launch_each(self, method: str, args: Sequence[tuple]) -> RayCall:
         return RayCall([getattr(actor, method).remote(*a) for actor, a in zip(self.actors, args)])
