@@ -7,17 +7,8 @@ import torch
 
 from cluster.engine import Engine
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress, PromptSegment
-from stages.config import magi_tiny
-from stages.dit.weights import load_dit, write_tiny_checkpoint
 from stages.errors import InvalidInput
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cfg = magi_tiny()
-    path = tmp_path_factory.mktemp("magi_tiny_dit")
-    write_tiny_checkpoint(cfg.dit, path, seed=0)
-    return cfg, load_dit(path, cfg.dit)
+from tests.model.test_engine_fixtures import tiny  # noqa: F401  (the shared magi-tiny DiT fixture)
 
 
 def _caption(cfg, seed: int, valid: int = 7) -> CaptionEmbedding:
