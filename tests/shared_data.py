@@ -1,0 +1,42 @@
+"""Where the tests find ``../shared`` (golden reference outputs and real inputs): one place.
+
+``$MAGI_GOLDEN_DIR`` / ``$MAGI_INPUTS_DIR`` override the folders; by default they are
+``<repo>/../shared/golden`` and ``<repo>/../shared/inputs``. With ``MAGI_REQUIRE_GOLDEN=1``
+(set by .ci/run) a missing folder fails the tests that need it instead of skipping them.
+Use the ``golden_dir`` / ``inputs_dir`` fixtures of tests/conftest.py in tests; the functions
+here serve collection-time needs (parametrizing over the cases a JSON file lists).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def golden_dir() -> Path:
+    """The golden folder (may not exist)."""
+    return Path(os.environ.get("MAGI_GOLDEN_DIR", SHARED / "golden"))
+
+
+def inputs_dir() -> Path:
+    """The real-inputs folder (may not exist)."""
+    return Path(os.environ.get("MAGI_INPUTS_DIR", SHARED / "inputs"))
+
+
+def required() -> bool:
+    return os.environ.get("MAGI_REQUIRE_GOLDEN", "") not in ("", "0")
+
+
+def need(path: Path, what: str) -> Path:
+    """``path`` if it exists; else skip the calling test (fail under MAGI_REQUIRE_GOLDEN=1)."""
+    if path.exists():
+        return path
+    message = f"{what} not found at {path} (set MAGI_GOLDEN_DIR / MAGI_INPUTS_DIR)"
+    if required():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
