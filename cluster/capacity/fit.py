@@ -3,8 +3,7 @@ the GPUs of one engine replica, and how many concurrent jobs does the pool admit
 
 Per GPU rank (all ranks of a replica are planned as the heaviest one)::
 
-    fixed  = weights(stage) + activations(step of j jobs) + companions (T5/VAE if co-located)
-             + cuda_context + nccl_buffers + fragmentation_fraction * memory
+    fixed  = weights(stage) + activations(step of j jobs) + cuda_context + nccl_buffers + fragmentation_fraction * memory
     free   = memory - fixed
     budget = kv_pool_fraction * free                       (KV pool + job latents, per rank)
     jobs   = floor(budget / per_job)   per_job = the job's KV-pool region + its latents
@@ -24,10 +23,9 @@ Weights: :mod:`stages.parallel.weights` (exact, checked against the reference ma
 With context parallelism every rank holds the full weights of its pipeline stage; pipeline
 parallelism gives each stage ``num_layers / pp_size`` layers plus the embedders and final
 layer (the reference builds those on every stage). KV: :mod:`cluster.capacity.kv` (the
-engine's pool arithmetic). Activations: :mod:`cluster.capacity.working_set`. With
-``kv_offload`` (reference ``engine_config.kv_offload``; a what-if, the engine keeps its pool on
-the device) the pool lives in host memory (``host_kv_gib`` per GPU) and the GPU keeps a
-staging copy of one layer's K/V per job.
+engine's pool arithmetic). Activations: :mod:`cluster.capacity.working_set`.
+The T5 encoder and the VAE run on their own deployments' devices (not planned here).
+:func:`cluster.capacity.report.check_fits` raises with advice when the plan admits no job.
 """
 
 from __future__ import annotations
@@ -35,11 +33,10 @@ from __future__ import annotations
 import dataclasses
 
 from cluster.capacity import working_set as ws
-from cluster.capacity.companions import text_encoder_bytes, vae_bytes
 from cluster.capacity.gpus import GpuSpec, get_gpu
 from cluster.capacity.kv import kv_plan
 from cluster.capacity.plan import FitPlan, FitSettings
-from cluster.units import GiB, format_bytes
+from cluster.units import GiB
 from stages.config import ModelConfig
 from stages.errors import InvalidInput
 from stages.parallel.weights import dit_stage_counts, nbytes, stage_layers
@@ -68,8 +65,6 @@ def validate_layout(model: ModelConfig, s: FitSettings) -> None:
         raise InvalidInput("cp_size", f"{s.cp_size} neither divides nor is a multiple of the {groups} KV head groups")
     if dit.num_layers % s.pp_size:
         raise InvalidInput("pp_size", f"{s.pp_size} does not divide the {dit.num_layers} layers")
-    if s.kv_offload and s.host_kv_gib is None:
-        raise InvalidInput("host_kv_gib", "kv_offload needs the host memory for KV per GPU")
 
 
 def weight_format(model: ModelConfig) -> str:
@@ -85,24 +80,18 @@ def _overheads(gpu: GpuSpec, s: FitSettings) -> dict[str, int]:
     return out
 
 
-def _admission(free: int, kv: int, per_job: int, s: FitSettings) -> tuple[int, int]:
-    """(KV budget bytes, jobs it admits); with kv_offload the pool is host memory and the GPU
-    share only bounds the jobs' latents."""
+def _admission(free: int, per_job: int, s: FitSettings) -> tuple[int, int]:
+    """(KV budget bytes, jobs it admits)."""
     share = max(0, int(free * s.kv_pool_fraction))
-    if not s.kv_offload:
-        return share, share // per_job
-    pool = int(s.host_kv_gib * GiB)
-    return pool, min(share // per_job, pool // kv)
+    return share, share // per_job
 
 
-def _problems(model: ModelConfig, gpu: GpuSpec, s: FitSettings, kv: int) -> tuple[str, ...]:
+def _problems(model: ModelConfig, gpu: GpuSpec) -> tuple[str, ...]:
     problems = []
     if model.dit.fp8_quant and not gpu.supports_fp8:
         major, minor = gpu.compute_capability
         problems.append(f"{gpu.description} has compute capability {major}.{minor};"
                         " fp8 weights need >= 8.9 (use a bf16 checkpoint)")
-    if s.kv_offload and s.host_kv_gib * GiB < kv:
-        problems.append(f"host_kv_gib {s.host_kv_gib} is less than one job's KV ({format_bytes(kv, 'GiB')})")
     return tuple(problems)
 
 
@@ -114,21 +103,18 @@ def _plan(model: ModelConfig, gpu: GpuSpec, s: FitSettings, h: int, w: int, jobs
                           max_forward_tokens=s.max_forward_tokens)
     kv = kv_plan(model, h, w, cp_size=s.cp_size, pp_size=s.pp_size, prefix_chunks=s.prefix_chunks)
     stages = tuple(nbytes(dit_stage_counts(model.dit, r)) for r in stage_layers(model.dit.num_layers, s.pp_size))
-    acts = ws.activation_terms(model, shape, cp_size=s.cp_size, pp_size=s.pp_size, attention=s.attention,
-                               kv_offload=s.kv_offload, staged_kv_tokens=jobs * kv.blocks_per_job * kv.block_tokens)
-    companions = {**(text_encoder_bytes(model) if s.colocate_text_encoder else {}),
-                  **(vae_bytes(model, h, w) if s.colocate_vae else {})}
+    acts = ws.activation_terms(model, shape, cp_size=s.cp_size, pp_size=s.pp_size, attention=s.attention)
     overheads = _overheads(gpu, s)
-    per_job = ws.latent_bytes_per_job(model, h, w) + (0 if s.kv_offload else kv.bytes_per_job)
-    fixed = max(stages) + sum(acts.values()) + sum(companions.values()) + sum(overheads.values())
-    budget, admitted = _admission(gpu.memory_bytes - fixed, kv.bytes_per_job, per_job, s)
+    per_job = ws.latent_bytes_per_job(model, h, w) + kv.bytes_per_job
+    fixed = max(stages) + sum(acts.values()) + sum(overheads.values())
+    budget, admitted = _admission(gpu.memory_bytes - fixed, per_job, s)
     if s.max_active_jobs is not None:
         admitted = min(admitted, s.max_active_jobs)
     return FitPlan(
         model=model.name, gpu=gpu, settings=s, height=h, width=w, weight_format=weight_format(model), shape=shape,
         kv=kv, jobs_per_forward=jobs, stage_weight_bytes=stages, activation_terms=tuple(acts.items()),
-        companion_terms=tuple(companions.items()), overhead_terms=tuple(overheads.items()), gpu_bytes_per_job=per_job,
-        kv_pool_budget_bytes=budget, max_concurrent_jobs=admitted, problems=_problems(model, gpu, s, kv.bytes_per_job),
+        overhead_terms=tuple(overheads.items()), gpu_bytes_per_job=per_job,
+        kv_pool_budget_bytes=budget, max_concurrent_jobs=admitted, problems=_problems(model, gpu),
     )
 
 
@@ -164,36 +150,4 @@ def plan_fit(model: ModelConfig, gpu: GpuSpec | str, settings: FitSettings | Non
     return _plan(model, gpu, s, h, w, s.jobs_per_forward)
 
 
-__all__ = ["DoesNotFit", "FitPlan", "FitSettings", "check_fits", "plan_fit", "validate_layout", "weight_format"]
-
-
-class DoesNotFit(RuntimeError):
-    """A replica layout cannot hold the model and one job; the message says what to change.
-
-    Attributes:
-        plan: the failing :class:`FitPlan`.
-        options: ``(change, plan)`` pairs that were tried (see :func:`cluster.capacity.report.options`).
-    """
-
-    def __init__(self, message: str, plan: FitPlan, options: list[tuple[str, FitPlan]]):
-        super().__init__(message)
-        self.plan = plan
-        self.options = options
-
-
-def check_fits(model: ModelConfig, gpu: GpuSpec | str, settings: FitSettings | None = None) -> FitPlan:
-    """:func:`plan_fit`, raising when the plan does not admit one job.
-
-    Raises:
-        DoesNotFit: the message names the GPU, the shortfall in GiB per GPU and the changes
-            that were evaluated (more cp, more pp, fp8 weights, lower resolution, ...) with
-            their outcome.
-        InvalidInput: see :func:`plan_fit`.
-    """
-    from cluster.capacity.report import does_not_fit_message, options  # noqa: PLC0415
-
-    plan = plan_fit(model, gpu, settings)
-    if plan.fits:
-        return plan
-    tried = options(model, plan)
-    raise DoesNotFit(does_not_fit_message(plan, tried), plan, tried)
+__all__ = ["FitPlan", "FitSettings", "plan_fit", "validate_layout", "weight_format"]

@@ -1,5 +1,6 @@
 """The fit planner's types: :class:`FitSettings` (what is planned) and :class:`FitPlan` (every
-term of the result). The arithmetic is in :mod:`cluster.capacity.fit`."""
+term of the result), and the plan's operator table (:func:`explain`). The arithmetic is in
+:mod:`cluster.capacity.fit`, the does-not-fit advice in :mod:`cluster.capacity.report`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.capacity.gpus import GpuSpec
 from cluster.capacity.kv import KVPlan
 from cluster.capacity.working_set import StepShape
+from cluster.units import format_bytes
 
 
 class FitSettings(BaseModel):
@@ -43,9 +45,6 @@ class FitSettings(BaseModel):
         attention: ``flash`` (varlen kernel, no score matrix; the engine on CUDA) or ``sdpa``
             (one SDPA call per chunk, :class:`stages.dit.attention.SdpaRangeAttention`; the
             engine on CPU).
-        kv_offload: KV pool in host memory (reference ``kv_offload``); needs ``host_kv_gib``.
-        host_kv_gib: host memory for the KV of one GPU rank.
-        colocate_text_encoder, colocate_vae: the T5 encoder / VAE run on the same GPU.
         cuda_context_gib: CUDA context, driver reservation, library workspaces per process
             (not counted on a CPU device).
         nccl_buffer_gib: buffers per process group a rank joins (cp group, pp group).
@@ -67,10 +66,6 @@ class FitSettings(BaseModel):
     micro_batches: int | None = Field(None, ge=1)
     batch_cfg: bool = True
     attention: Literal["flash", "sdpa"] = "flash"
-    kv_offload: bool = False
-    host_kv_gib: float | None = Field(None, gt=0)
-    colocate_text_encoder: bool = False
-    colocate_vae: bool = False
     cuda_context_gib: float = Field(1.0, ge=0)
     nccl_buffer_gib: float = Field(0.25, ge=0)
     fragmentation_fraction: float = Field(0.05, ge=0, lt=1)
@@ -99,7 +94,6 @@ class FitPlan:
     jobs_per_forward: int
     stage_weight_bytes: tuple[int, ...]
     activation_terms: tuple[tuple[str, int], ...]
-    companion_terms: tuple[tuple[str, int], ...]
     overhead_terms: tuple[tuple[str, int], ...]
     gpu_bytes_per_job: int
     kv_pool_budget_bytes: int
@@ -124,16 +118,12 @@ class FitPlan:
         return sum(v for _, v in self.activation_terms)
 
     @property
-    def companion_bytes(self) -> int:
-        return sum(v for _, v in self.companion_terms)
-
-    @property
     def overhead_bytes(self) -> int:
         return sum(v for _, v in self.overhead_terms)
 
     @property
     def fixed_bytes(self) -> int:
-        return self.weights_bytes + self.activation_bytes + self.companion_bytes + self.overhead_bytes
+        return self.weights_bytes + self.activation_bytes + self.overhead_bytes
 
     @property
     def free_bytes(self) -> int:
@@ -167,6 +157,66 @@ class FitPlan:
 
     def explain(self) -> str:
         """Operator-readable table of every term (GiB per GPU) and the verdict."""
-        from cluster.capacity.report import explain  # noqa: PLC0415
-
         return explain(self)
+
+
+def gib(n: int, digits: int = 1) -> str:
+    """``n`` bytes in GiB for the plan's prose (:func:`cluster.units.format_bytes`)."""
+    return format_bytes(n, "GiB", digits)
+
+
+def headline(plan: FitPlan) -> str:
+    s = plan.settings
+    return (f"{plan.model} on {plan.num_gpus} x {plan.gpu} with cp_size {s.cp_size} x pp_size {s.pp_size} "
+            f"at {plan.height}x{plan.width} ({plan.weight_format} weights)")
+
+
+def explain(plan: FitPlan) -> str:
+    """Multi-line table of every term in GiB per GPU, the KV pool and the verdict."""
+    sh, s, kv = plan.shape, plan.settings, plan.kv
+    lines = [headline(plan), "per rank (host memory)" if plan.gpu.kind == "cpu" else "per GPU"]
+
+    def row(label: str, n: int, indent: int = 2) -> None:
+        lines.append(f"{' ' * indent}{label:<{70 - indent}}{format_bytes(n, 'GiB', 2, 8)}")
+
+    row(f"weights (heaviest of {s.pp_size} stage(s), {sh.layers_per_stage} layers)", plan.weights_bytes)
+    row(f"activations (largest forward of a {plan.jobs_per_forward}-job step: {sh.chunks_per_forward} chunks,"
+        f" {sh.tokens_per_rank} tokens/rank" + (f", {sh.micro_batches} micro-batches" if sh.micro_batches > 1 else "")
+        + ")", plan.activation_bytes)
+    for name, n in plan.activation_terms:
+        row(name, n, 4)
+    lines.append(f"    {forward_line(plan)}")
+    for name, n in plan.overhead_terms:
+        row(name, n)
+    row("= fixed", plan.fixed_bytes)
+    row(f"device memory ({plan.gpu.description})", plan.memory_bytes)
+    row("free", plan.free_bytes)
+    row(f"KV budget ({s.kv_pool_fraction:.0%} of free)", plan.kv_pool_budget_bytes)
+    a = kv.areas
+    parts = " + ".join(f"{n} {name}" for name, n in (("main", a.main), ("text", a.text), ("uncond", a.uncond),
+                                                      ("extra", a.extra)) if n)
+    row(f"KV per job ({a.total} chunks: {parts} -> {kv.blocks_per_job} blocks)", plan.kv_bytes_per_job)
+    lines.append(f"    block = {kv.block_tokens} tokens x {kv.layers_per_rank} layers x {kv.groups_per_rank} KV groups"
+                 f" x {kv.head_dim} x K,V = {format_bytes(kv.block_bytes, 'MiB')}")
+    row("GPU bytes per job (KV region on GPU + latents)", plan.gpu_bytes_per_job)
+    row(f"KV pool allocated ({plan.kv_pool_blocks} blocks)", plan.kv_pool_bytes)
+    verdict = "FITS" if plan.fits else f"DOES NOT FIT (short by {gib(plan.shortfall_bytes, 2)} per GPU)"
+    lines.append(f"max concurrent jobs: {plan.max_concurrent_jobs}  -> {verdict}")
+    lines.extend(f"problem: {p}" for p in plan.problems)
+    return "\n".join(lines)
+
+
+def window_tokens(plan: FitPlan) -> int:
+    """Query tokens of the largest window of a job's step at the planned resolution: the
+    smallest ``max_forward_tokens`` that changes anything (a window is never split)."""
+    return plan.shape.window_chunks * plan.shape.tokens_per_chunk
+
+
+def forward_line(plan: FitPlan) -> str:
+    """How the step's windows become forwards (``engine.batch_cfg``, ``engine.max_forward_tokens``)."""
+    s, sh = plan.settings, plan.shape
+    budget = "none (one forward per step)" if s.max_forward_tokens is None else s.max_forward_tokens
+    prefix = f", V2V prefix window {sh.prefix_chunks} chunks" if sh.prefix_chunks > sh.window_chunks else ""
+    return (f"forwards: batch_cfg {str(s.batch_cfg).lower()}, max_forward_tokens {budget}; a job's step"
+            f" {sh.chunks_per_job} chunks of {sh.tokens_per_chunk} tokens in windows of <= {sh.window_chunks} chunks"
+            f" ({window_tokens(plan)} tokens){prefix}")

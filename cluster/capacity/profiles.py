@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError, field_validator
 
-from cluster.capacity.fit import FitPlan, FitSettings, check_fits, plan_fit
+from cluster.capacity.fit import FitPlan, FitSettings, plan_fit
+from cluster.capacity.report import check_fits
 from cluster.capacity.gpus import GPUS
 from stages.config import ModelConfig, check_preset, load_preset
 
@@ -66,7 +67,7 @@ class DeploymentProfile(FitSettings):
         return plan_fit(self.load_model(), self.gpu, self.settings())
 
     def check(self) -> FitPlan:
-        """:func:`cluster.capacity.fit.check_fits` for this profile (raises ``DoesNotFit``)."""
+        """:func:`cluster.capacity.report.check_fits` for this profile (raises ``DoesNotFit``)."""
         return check_fits(self.load_model(), self.gpu, self.settings())
 
 

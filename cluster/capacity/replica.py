@@ -32,7 +32,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from cluster.capacity.fit import DoesNotFit, FitPlan, FitSettings, check_fits
+from cluster.capacity.plan import FitPlan, FitSettings
+from cluster.capacity.report import DoesNotFit, check_fits
 from cluster.capacity.gpus import GpuSpec, cuda_spec, get_gpu, host_spec
 from cluster.config import ConfigError, ServiceConfig
 from stages.config import ModelConfig

@@ -1,81 +1,17 @@
-"""Operator-facing text for fit plans: the term table and the does-not-fit advice."""
+"""What to change when a replica does not fit: :func:`check_fits` raises :class:`DoesNotFit`
+with every evaluated change (more cp, more pp, fp8 or bf16 weights, lower resolution, engine
+forward settings) and its outcome. The plan's own table is :func:`cluster.capacity.plan.explain`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from cluster.units import format_bytes
+from cluster.capacity.fit import plan_fit
+from cluster.capacity.gpus import GpuSpec
+from cluster.capacity.plan import FitPlan, FitSettings, gib, headline, window_tokens
 from stages.config import ModelConfig
 from stages.errors import InvalidInput
 
-if TYPE_CHECKING:
-    from cluster.capacity.fit import FitPlan
-
 MAX_GPUS_SEARCHED = 16
 RESOLUTION_SCALES = (0.75, 2 / 3, 0.5)
-
-
-def _gib(n: int, digits: int = 1) -> str:
-    """``n`` bytes in GiB for the plan's prose (:func:`cluster.units.format_bytes`)."""
-    return format_bytes(n, "GiB", digits)
-
-
-def headline(plan: FitPlan) -> str:
-    s = plan.settings
-    return (f"{plan.model} on {plan.num_gpus} x {plan.gpu} with cp_size {s.cp_size} x pp_size {s.pp_size} "
-            f"at {plan.height}x{plan.width} ({plan.weight_format} weights)")
-
-
-def explain(plan: FitPlan) -> str:
-    """Multi-line table of every term in GiB per GPU, the KV pool and the verdict."""
-    sh, s, kv = plan.shape, plan.settings, plan.kv
-    lines = [headline(plan), "per rank (host memory)" if plan.gpu.kind == "cpu" else "per GPU"]
-
-    def row(label: str, n: int, indent: int = 2) -> None:
-        lines.append(f"{' ' * indent}{label:<{70 - indent}}{format_bytes(n, 'GiB', 2, 8)}")
-
-    row(f"weights (heaviest of {s.pp_size} stage(s), {sh.layers_per_stage} layers)", plan.weights_bytes)
-    row(f"activations (largest forward of a {plan.jobs_per_forward}-job step: {sh.chunks_per_forward} chunks,"
-        f" {sh.tokens_per_rank} tokens/rank" + (f", {sh.micro_batches} micro-batches" if sh.micro_batches > 1 else "")
-        + ")", plan.activation_bytes)
-    for name, n in plan.activation_terms:
-        row(name, n, 4)
-    lines.append(f"    {forward_line(plan)}")
-    for name, n in plan.companion_terms + plan.overhead_terms:
-        row(name, n)
-    row("= fixed", plan.fixed_bytes)
-    row(f"device memory ({plan.gpu.description})", plan.memory_bytes)
-    row("free", plan.free_bytes)
-    row("KV budget (host memory, kv_offload)" if s.kv_offload else f"KV budget ({s.kv_pool_fraction:.0%} of free)",
-        plan.kv_pool_budget_bytes)
-    a = kv.areas
-    parts = " + ".join(f"{n} {name}" for name, n in (("main", a.main), ("text", a.text), ("uncond", a.uncond),
-                                                      ("extra", a.extra)) if n)
-    row(f"KV per job ({a.total} chunks: {parts} -> {kv.blocks_per_job} blocks)", plan.kv_bytes_per_job)
-    lines.append(f"    block = {kv.block_tokens} tokens x {kv.layers_per_rank} layers x {kv.groups_per_rank} KV groups"
-                 f" x {kv.head_dim} x K,V = {format_bytes(kv.block_bytes, 'MiB')}")
-    row("GPU bytes per job (KV region on GPU + latents)", plan.gpu_bytes_per_job)
-    row(f"KV pool allocated ({plan.kv_pool_blocks} blocks)", plan.kv_pool_bytes)
-    verdict = "FITS" if plan.fits else f"DOES NOT FIT (short by {_gib(plan.shortfall_bytes, 2)} per GPU)"
-    lines.append(f"max concurrent jobs: {plan.max_concurrent_jobs}  -> {verdict}")
-    lines.extend(f"problem: {p}" for p in plan.problems)
-    return "\n".join(lines)
-
-
-def window_tokens(plan: FitPlan) -> int:
-    """Query tokens of the largest window of a job's step at the planned resolution: the
-    smallest ``max_forward_tokens`` that changes anything (a window is never split)."""
-    return plan.shape.window_chunks * plan.shape.tokens_per_chunk
-
-
-def forward_line(plan: FitPlan) -> str:
-    """How the step's windows become forwards (``engine.batch_cfg``, ``engine.max_forward_tokens``)."""
-    s, sh = plan.settings, plan.shape
-    budget = "none (one forward per step)" if s.max_forward_tokens is None else s.max_forward_tokens
-    prefix = f", V2V prefix window {sh.prefix_chunks} chunks" if sh.prefix_chunks > sh.window_chunks else ""
-    return (f"forwards: batch_cfg {str(s.batch_cfg).lower()}, max_forward_tokens {budget}; a job's step"
-            f" {sh.chunks_per_job} chunks of {sh.tokens_per_chunk} tokens in windows of <= {sh.window_chunks} chunks"
-            f" ({window_tokens(plan)} tokens){prefix}")
 
 
 def _outcome(plan: FitPlan) -> str:
@@ -83,12 +19,10 @@ def _outcome(plan: FitPlan) -> str:
         return f"fits, {plan.max_concurrent_jobs} job(s)"
     if plan.problems:
         return "; ".join(plan.problems)
-    return f"short by {_gib(plan.shortfall_bytes)}"
+    return f"short by {gib(plan.shortfall_bytes)}"
 
 
 def _try(model: ModelConfig, plan: FitPlan, **changes) -> FitPlan | None:
-    from cluster.capacity.fit import plan_fit  # noqa: PLC0415
-
     try:
         return plan_fit(model, plan.gpu, plan.settings.model_copy(update=changes))
     except InvalidInput:
@@ -131,8 +65,6 @@ def _candidates(model: ModelConfig, plan: FitPlan) -> list[tuple[str, ModelConfi
     out.extend(_forward_candidates(model, plan))
     if s.jobs_per_forward is not None and s.jobs_per_forward > 1:
         out.append(("jobs_per_forward 1", model, {"jobs_per_forward": 1}))
-    if s.colocate_text_encoder or s.colocate_vae:
-        out.append(("T5 and VAE on their own GPUs", model, {"colocate_text_encoder": False, "colocate_vae": False}))
     return out
 
 
@@ -185,13 +117,43 @@ def does_not_fit_message(plan: FitPlan, tried: list[tuple[str, FitPlan]]) -> str
         parts.append(": " + "; ".join(plan.problems))
     else:
         parts.append(
-            f": short by {_gib(plan.shortfall_bytes)} per GPU (weights {_gib(plan.weights_bytes)}"
-            f" + activations {_gib(plan.activation_bytes)} + T5/VAE {_gib(plan.companion_bytes)}"
-            f" + overheads {_gib(plan.overhead_bytes)} + one job {_gib(plan.gpu_bytes_per_job)}"
-            f" at kv_pool_fraction {plan.settings.kv_pool_fraction} > {_gib(plan.memory_bytes)})"
+            f": short by {gib(plan.shortfall_bytes)} per GPU (weights {gib(plan.weights_bytes)}"
+            f" + activations {gib(plan.activation_bytes)}"
+            f" + overheads {gib(plan.overhead_bytes)} + one job {gib(plan.gpu_bytes_per_job)}"
+            f" at kv_pool_fraction {plan.settings.kv_pool_fraction} > {gib(plan.memory_bytes)})"
         )
     if tried:
         parts.append(". Changes evaluated: " + "; ".join(f"{label} -> {_outcome(p)}" for label, p in tried))
     else:
         parts.append(". No single change (more cp, more pp, fp8, lower resolution) is valid for this model")
     return "".join(parts) + "."
+
+
+class DoesNotFit(RuntimeError):
+    """A replica layout cannot hold the model and one job; the message says what to change.
+
+    Attributes:
+        plan: the failing :class:`FitPlan`.
+        options: ``(change, plan)`` pairs that were tried (see :func:`options`).
+    """
+
+    def __init__(self, message: str, plan: FitPlan, options: list[tuple[str, FitPlan]]):
+        super().__init__(message)
+        self.plan = plan
+        self.options = options
+
+
+def check_fits(model: ModelConfig, gpu: GpuSpec | str, settings: FitSettings | None = None) -> FitPlan:
+    """:func:`plan_fit`, raising when the plan does not admit one job.
+
+    Raises:
+        DoesNotFit: the message names the GPU, the shortfall in GiB per GPU and the changes
+            that were evaluated (more cp, more pp, fp8 weights, lower resolution, ...) with
+            their outcome.
+        InvalidInput: see :func:`plan_fit`.
+    """
+    plan = plan_fit(model, gpu, settings)
+    if plan.fits:
+        return plan
+    tried = options(model, plan)
+    raise DoesNotFit(does_not_fit_message(plan, tried), plan, tried)

@@ -59,8 +59,7 @@ terms modelled on :class:`stages.dit.layers.TransformerLayer`):
   ``(Q/cp/Dh) * tpc * R tpc * a``, its boolean mask ``tpc * R tpc`` and the concatenated
   keys of a two-range group ``2 * R tpc * G_rank Dh a``;
 * Ulysses all-to-all receive buffers ``s (3 Q + 2 max(G, cp) Dh) a`` (q, qx, output, k, v);
-* pipeline send/receive buffers ``2 s D a``; with ``kv_offload`` (a what-if: the engine keeps
-  its pool on the device) a double-buffered staging copy of one layer's K/V of a job's region.
+* pipeline send/receive buffers ``2 s D a``.
 
 Plus the job's latents on the device (``(W + 1) * 16 * cw * h * w`` float32).
 """
@@ -203,10 +202,9 @@ def forward_state_per_token(model: ModelConfig) -> int:
     return dit.hidden_size * 4 + 6 * (dit.kv_channels // 8) * 4 + INDEX_BYTES
 
 
-def activation_terms(model: ModelConfig, shape: StepShape, *, cp_size: int, pp_size: int, attention: str,
-                     kv_offload: bool, staged_kv_tokens: int) -> dict[str, int]:
-    """Named activation terms in bytes for one rank (module docstring gives each formula);
-    ``staged_kv_tokens``: pool-region tokens of the jobs of one forward (offload staging)."""
+def activation_terms(model: ModelConfig, shape: StepShape, *, cp_size: int, pp_size: int,
+                     attention: str) -> dict[str, int]:
+    """Named activation terms in bytes for one rank (module docstring gives each formula)."""
     dit, a, s = model.dit, shape.act_bytes, shape.micro_tokens_per_rank  # a layer runs one micro-batch
     d, dh = dit.hidden_size, dit.kv_channels
     q = dit.num_attention_heads * dh
@@ -223,8 +221,6 @@ def activation_terms(model: ModelConfig, shape: StepShape, *, cp_size: int, pp_s
         terms["attention key gather"] = mb_chunks * keys * kv_token
     else:
         terms["attention (sdpa, one chunk)"] = shape.q_heads_per_rank * tpc * keys * a + tpc * keys + keys * kv_token
-    if kv_offload:
-        terms["KV offload staging"] = 2 * staged_kv_tokens * kv_token
     if cp_size > 1:
         terms["Ulysses all-to-all"] = s * (3 * q + 2 * max(dit.num_query_groups, cp_size) * dh) * a
     if pp_size > 1:

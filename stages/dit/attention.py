@@ -241,13 +241,3 @@ class SdpaRangeAttention(RangeAttentionBase):
             return buf[pieces[0][0] : pieces[0][1]]
         return torch.cat([buf[s:e] for s, e in pieces])
 
-
-def default_backend(device: torch.device | str | None = None) -> RangeAttention:
-    """The backend for a model on ``device``: without a device (a model built without a
-    backend) SDPA; otherwise :func:`stages.dit.flash_attention.make_attention` ``("auto")``
-    (flash varlen on CUDA where a kernel is usable, SDPA elsewhere)."""
-    if device is None:
-        return SdpaRangeAttention()
-    from stages.dit.flash_attention import make_attention  # imports this module
-
-    return make_attention("auto", device)

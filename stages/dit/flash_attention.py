@@ -224,3 +224,12 @@ def make_attention(name: str = "auto", device: torch.device | str | None = None)
         raise RuntimeError(f"attention backend 'flash' cannot run on device {device}: {why}")
     log.info("attention backend: sdpa (no flash varlen kernel: %s)", why)
     return SdpaRangeAttention()
+
+
+def default_backend(device: torch.device | str | None = None) -> RangeAttention:
+    """The backend for a model on ``device``: without a device (a model built without a
+    backend) SDPA; otherwise :func:`make_attention` ``("auto")``
+    (flash varlen on CUDA where a kernel is usable, SDPA elsewhere)."""
+    if device is None:
+        return SdpaRangeAttention()
+    return make_attention("auto", device)

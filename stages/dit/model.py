@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 
 from stages.config import DiTConfig
-from stages.dit.attention import RangeAttention, default_backend
+from stages.dit.attention import RangeAttention
 from stages.dit.embed import (CaptionEmbedder, FinalLinear, FusedLayerNorm, LearnableRotaryEmbeddingCat, RopeShift,
                               TimestepEmbedder, rope_time_shift)
+from stages.dit.flash_attention import default_backend
 from stages.dit.layers import LayerContext, TransformerLayer
 from stages.dit.packed import KVBuffers, PackedWindow
 from stages.dit.step import LATENT_CHANNELS, AbsentLayer, pack_step, unpatchify

@@ -18,15 +18,11 @@ private key buffer (:class:`stages.dit.packed.DenseKV`); the engine uses the KV 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from stages.dit.layers import KV
 from stages.dit.packed import DenseKV, PackedWindow
-
-if TYPE_CHECKING:
-    from stages.dit.model import MagiDiT
 
 
 @dataclass
@@ -75,8 +71,8 @@ class DiTOutput:
     kv: dict[int, list[KV]] = field(default_factory=dict)
 
 
-def forward_window(model: MagiDiT, inp: DiTInput) -> DiTOutput:
-    """Run ``model`` over one window (see :class:`DiTInput`); returns :class:`DiTOutput`.
+def forward_window(model: torch.nn.Module, inp: DiTInput) -> DiTOutput:
+    """Run ``model`` (a :class:`stages.dit.model.MagiDiT`; not imported here, which imports this module) over one window (see :class:`DiTInput`); returns :class:`DiTOutput`.
 
     One-off form of :meth:`~stages.dit.model.MagiDiT.forward_packed`: the keys live in a private
     buffer ``[history | window]`` (the history is copied in; the engine uses the KV pool instead).

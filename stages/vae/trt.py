@@ -27,7 +27,7 @@ from stages.config import VaeConfig
 from stages.vae.export import (EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxCache, TileShape, check_tile_shape,
                                file_lock)
 from stages.vae.model import MagiVAE
-from stages.vae.runtime import TRT_DTYPES, BackendUnavailable, check_tile_input, tile_output_shape
+from stages.vae.backend import TRT_DTYPES, BackendUnavailable, check_tile_input, tile_output_shape
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from stages.dit.attention import RangeSpec, SdpaRangeAttention, default_backend
-from stages.dit.flash_attention import FlashRangeAttention, kernel_unavailable, make_attention
+from stages.dit.attention import RangeSpec, SdpaRangeAttention
+from stages.dit.flash_attention import FlashRangeAttention, default_backend, kernel_unavailable, make_attention
 from stages.dit.varlen_plan import varlen_plan
 from tests.model.attention_specs import dense_attention, engine_specs, random_qkv
 
