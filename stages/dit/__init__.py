@@ -1,5 +1,5 @@
 """MAGI-1 DiT: model (:class:`MagiDiT`, one window or many packed windows), range-attention
-backends, the KV pool and per-job KV cache, checkpoint I/O.
+backends, the KV pool, checkpoint I/O.
 
 ``stages.dit.weights`` holds ``load_dit`` / ``write_tiny_checkpoint``; ``stages.dit.manifest``
 the expected state_dict layouts and ``verify_checkpoint`` (CLI entry points ``main_verify`` /
@@ -7,10 +7,9 @@ the expected state_dict layouts and ``verify_checkpoint`` (CLI entry points ``ma
 ``stages.dit.token_table`` where the special-token table of a model lives.
 """
 
-from stages.dit.kv_cache import ChunkKVCache
 from stages.dit.kv_pool import KVPool, PoolRegion
 from stages.dit.model import MagiDiT
 from stages.dit.packed import DenseKV, PackedWindow
 from stages.dit.window_forward import DiTInput, DiTOutput
 
-__all__ = ["ChunkKVCache", "DenseKV", "DiTInput", "DiTOutput", "KVPool", "MagiDiT", "PackedWindow", "PoolRegion"]
+__all__ = ["DenseKV", "DiTInput", "DiTOutput", "KVPool", "MagiDiT", "PackedWindow", "PoolRegion"]

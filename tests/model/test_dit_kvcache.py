@@ -110,22 +110,3 @@ def test_bfloat16_model_runs_close_to_float32(tmp_path):
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 
-
-def test_chunk_kv_cache_history_and_ring():
-    import pytest
-
-    from stages.dit.kv_cache import ChunkKVCache
-
-    cache = ChunkKVCache(num_layers=2)
-    for c in range(4):
-        cache.put(c, [(torch.full((3, 2, 4), float(c)), torch.full((3, 2, 4), -float(c))) for _ in range(2)])
-    hist = cache.history(1, 3)
-    assert len(hist) == 2 and hist[1][0].shape == (6, 2, 4)
-    assert hist[0][0][:3].eq(1).all() and hist[0][1][3:].eq(-2).all()
-    assert cache.history(2, 2) is None
-    cache.drop_before(2)
-    assert cache.chunks == [2, 3] and cache.nbytes == 2 * 2 * 2 * 3 * 2 * 4 * 4
-    with pytest.raises(KeyError, match=r"lacks chunks \[1\]"):
-        cache.history(1, 3)
-    with pytest.raises(ValueError):
-        cache.put(5, [])
