@@ -97,11 +97,11 @@ def _open(data: bytes, field: str) -> Image.Image:
         size = _declared_png_size(data)
         if size is not None:
             check_dimensions(*size, field=field)
-        raise InvalidInput(field, f"declared size too large ({exc})") from None
+        raise InvalidInput(field, "declares an image too large to decode") from exc
     except UnidentifiedImageError:
-        raise InvalidInput(field, f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
+        raise InvalidInput(field, f"is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is bad input
-        raise InvalidInput(field, f"unreadable image header: {type(exc).__name__}: {exc}") from None
+        raise InvalidInput(field, "has an unreadable or damaged image header") from exc
 
 
 def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -178,7 +178,7 @@ def decode_image(data: bytes, *, height: int, width: int, field: str = "image",
             im.seek(0)  # animated: first frame
             im.load()
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data raises many types
-            raise InvalidInput(field, f"truncated or corrupt {im.format} data: {type(exc).__name__}: {exc}") from None
+            raise InvalidInput(field, f"holds truncated or corrupt {im.format} data") from exc
         try:
             oriented = ImageOps.exif_transpose(im)
         except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
@@ -186,5 +186,5 @@ def decode_image(data: bytes, *, height: int, width: int, field: str = "image",
         try:
             rgb = _to_rgb(oriented, background)
         except (ValueError, OSError) as exc:
-            raise InvalidInput(field, f"unsupported colour mode {oriented.mode}: {exc}") from None
+            raise InvalidInput(field, f"uses an unsupported colour mode ({oriented.mode})") from exc
         return np.array(fit_image(rgb, height, width, aspect_policy), dtype=np.uint8)

@@ -45,8 +45,21 @@ def _open(data: bytes, field: str) -> av.container.InputContainer:
         return av.open(io.BytesIO(data), mode="r", options=dict(_OPEN_OPTIONS))
     except Exception as exc:  # noqa: BLE001 - any demuxer failure on untrusted bytes is bad input
         raise InvalidInput(
-            field, f"not a video in a supported container ({', '.join(ALLOWED_DEMUXERS)}): "
-            f"{type(exc).__name__}: {exc}") from None
+            field, f"is not a readable video in a supported container ({', '.join(ALLOWED_DEMUXERS)})") from exc
+
+
+def _video_stream(container: av.container.InputContainer, field: str) -> av.video.stream.VideoStream:
+    """The first video stream, if its codec is one FFmpeg can decode here.
+
+    A sample entry with an unknown codec tag (``avc1`` overwritten) or a cut-off
+    ``moov`` leaves the stream without a codec context.
+    """
+    if not container.streams.video:
+        raise InvalidInput(field, "has no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise InvalidInput(field, "uses an unknown or unsupported video codec, or its header is damaged")
+    return stream
 
 
 def _to_image(frame: av.VideoFrame, height: int, width: int, aspect_policy: AspectPolicy) -> Image.Image:
@@ -130,8 +143,7 @@ def _decoded(container: av.container.InputContainer, field: str, max_input_frame
     except InvalidInput:
         raise
     except Exception as exc:  # noqa: BLE001 - decoder errors on untrusted data
-        raise InvalidInput(field, f"truncated or corrupt video after {count} decoded frames: "
-                                  f"{type(exc).__name__}: {exc}") from None
+        raise InvalidInput(field, f"truncated or corrupt video after {count} decoded frames") from exc
     _check_complete(container, stream, first, end, field)
 
 
@@ -183,22 +195,27 @@ def decode_video(data: bytes, *, height: int, width: int, max_frames: int, field
 
     Raises:
         InvalidInput: empty, too large, not a supported container, no video
-            stream, declared size over the limit, truncated or corrupt stream,
-            more than ``max_input_frames`` frames, no decodable frame.
+            stream, unknown codec or damaged header, declared size over the limit,
+            truncated or corrupt stream, more than ``max_input_frames`` frames, no
+            decodable frame. The message is in words (no FFmpeg internals); the
+            underlying PyAV error, if any, is its ``__cause__``.
         ValueError: bad ``height``/``width``/``max_frames``/``keep`` (caller bugs).
     """
     if height < 1 or width < 1 or max_frames < 1 or keep not in ("first", "last"):
         raise ValueError(f"bad arguments: height={height} width={width} max_frames={max_frames} keep={keep!r}")
     data = check_payload(data, field=field, max_bytes=max_bytes)
-    with _open(data, field) as container:
-        if not container.streams.video:
-            raise InvalidInput(field, "has no video stream")
-        ctx = container.streams.video[0].codec_context
-        check_dimensions(ctx.width, ctx.height, field=field, max_pixels=max_pixels)
-        kept: deque[av.VideoFrame] | list[av.VideoFrame] = deque(maxlen=max_frames) if keep == "last" else []
-        for frame in _resample(_decoded(container, field, max_input_frames), fps, field):
-            if keep == "last" or len(kept) < max_frames:
-                kept.append(frame)
-        if not kept:
-            raise InvalidInput(field, "contains no decodable video frame")
-        return np.stack([np.asarray(_to_image(f, height, width, aspect_policy)) for f in kept])
+    try:
+        with _open(data, field) as container:
+            ctx = _video_stream(container, field).codec_context
+            check_dimensions(ctx.width, ctx.height, field=field, max_pixels=max_pixels)
+            kept: deque[av.VideoFrame] | list[av.VideoFrame] = deque(maxlen=max_frames) if keep == "last" else []
+            for frame in _resample(_decoded(container, field, max_input_frames), fps, field):
+                if keep == "last" or len(kept) < max_frames:
+                    kept.append(frame)
+            if not kept:
+                raise InvalidInput(field, "contains no decodable video frame")
+            return np.stack([np.asarray(_to_image(f, height, width, aspect_policy)) for f in kept])
+    except (InvalidInput, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever else FFmpeg/PyAV raise on untrusted bytes
+        raise InvalidInput(field, "could not be decoded as a video (damaged or unsupported file)") from exc

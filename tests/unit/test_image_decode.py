@@ -202,3 +202,14 @@ def test_caller_errors_are_value_errors():
         decode_image(_png(_bands()), height=0, width=8)
     with pytest.raises(ValueError):
         decode_image(_png(_bands()), height=8, width=8, aspect_policy="zoom")
+
+
+@needs_inputs
+@pytest.mark.parametrize("name", sorted(p.name for p in BAD.iterdir() if p.is_file()) if BAD.exists() else [])
+def test_every_bad_file_as_image_is_rejected_in_words_or_decoded(name):
+    """No decoder internals ("OSError", "Errno", paths) reach the message."""
+    try:
+        decode_image(_read(BAD / name), height=32, width=32)
+    except InvalidInput as err:
+        assert err.field == "image"
+        assert not any(bad in err.reason for bad in ("Error", "Errno", "Traceback", "/")), err.reason

@@ -177,3 +177,38 @@ def test_fps_resampling_of_a_30fps_clip_and_a_gif():
     if (BAD / "animated_chelsea_10f.gif").exists():  # 10 frames of 100 ms
         gif = (BAD / "animated_chelsea_10f.gif").read_bytes()
         assert decode_video(gif, height=32, width=32, max_frames=100, fps=24).shape[0] == 24
+
+
+_INTERNALS = ("Error", "returned", "'<none>'", "Errno", "Traceback", "/")
+#: Mutations FFmpeg cannot open or decode; the others may decode (FFmpeg trusts the H.264 SPS).
+_MUST_REJECT = {"fourcc", "truncated_moov", "no_samples"}
+
+
+def _mutations():
+    from tests.media_mutations import mp4_mutations  # noqa: PLC0415
+
+    return mp4_mutations(PREFIX.read_bytes()) if PREFIX.exists() else {}
+
+
+@needs_inputs
+@pytest.mark.parametrize("name", ["fourcc", "truncated_moov", "zero_size_track", "zero_dims", "huge_dims",
+                                  "no_samples"])
+def test_mutated_mp4_is_rejected_in_words_or_decoded(name):
+    data = _mutations()[name]
+    try:
+        out = decode_video(data, height=32, width=32, max_frames=8)
+    except InvalidInput as err:
+        assert err.field == "prefix_video" and str(err).startswith("prefix_video: ")
+        assert not any(bad in err.reason for bad in _INTERNALS), err.reason
+        return
+    assert name not in _MUST_REJECT, f"{name} decoded"
+    assert out.shape[1:] == (32, 32, 3) and out.dtype == np.uint8
+
+
+@needs_inputs
+@pytest.mark.parametrize("name", sorted(p.name for p in BAD.iterdir() if p.is_file()) if BAD.exists() else [])
+def test_every_bad_file_as_video_is_rejected_in_words_or_decoded(name):
+    try:
+        decode_video((BAD / name).read_bytes(), height=32, width=32, max_frames=8)
+    except InvalidInput as err:
+        assert not any(bad in err.reason for bad in _INTERNALS), err.reason
