@@ -9,9 +9,21 @@ settings.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+DTypeName = Literal["float32", "bfloat16", "float16"]  # torch dtypes: stages.dtypes.torch_dtype
+
+
+def magi_home() -> Path:
+    """The service's local state folder: ``$MAGI_HOME``, or ``~/.cache/magi-serve`` (model
+    checkpoints under ``models/``, VAE runtimes under ``vae-runtime/``)."""
+    home = os.environ.get("MAGI_HOME")
+    return Path(home) if home else Path.home() / ".cache" / "magi-serve"
 
 
 class _Frozen(BaseModel):
@@ -31,7 +43,7 @@ class DiTConfig(_Frozen):
     apply_layernorm_1p: bool = True
     x_rescale_factor: float = 1.0
     half_channel_vae: bool = False
-    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    params_dtype: DTypeName = "float32"
     patch_size: int = 2
     t_patch_size: int = 1
     in_channels: int = 16
@@ -133,7 +145,7 @@ class TextEncoderConfig(_Frozen):
     d_kv: int = 64
     d_ff: int = 10240
     vocab_size: int = 32128
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DTypeName = "float32"
 
 
 class SpecialTokensConfig(_Frozen):

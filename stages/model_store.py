@@ -11,13 +11,12 @@ real checkpoints. Nothing is ever downloaded.
 from __future__ import annotations
 
 import fcntl
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.config import ModelConfig
+from stages.config import ModelConfig, magi_home
 
 GENERATED_PRESETS = {"magi-tiny"}
 _DONE_MARKER = ".complete"
@@ -34,9 +33,7 @@ class CheckpointPaths:
 
 def default_root() -> Path:
     """``$MAGI_HOME/models`` or ``~/.cache/magi-serve/models``."""
-    home = os.environ.get("MAGI_HOME")
-    base = Path(home) if home else Path.home() / ".cache" / "magi-serve"
-    return base / "models"
+    return magi_home() / "models"
 
 
 def paths_for(model_dir: Path) -> CheckpointPaths:

@@ -33,10 +33,10 @@ from stages.config import ModelConfig
 from stages.dit.kv_pool import KVPool
 from stages.dit.model import MagiDiT
 from stages.dit.packed import PackedWindow
+from stages.dtypes import torch_dtype
 from stages.parallel.kv_shards import merge_kv_reads, pool_dims, split_kv
 from stages.parallel.mesh import MeshShape, ParallelMesh, destroy_mesh, init_mesh
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PeerCall(Protocol):
@@ -116,7 +116,7 @@ class RankWorker:
         self.mesh: ParallelMesh = init_mesh(spec.shape, spec.rank, spec.init_method, spec.backend, spec.timeout_s,
                                             num_query_groups=cfg.num_query_groups, num_layers=cfg.num_layers,
                                             micro_batches=spec.micro_batches, num_attention_heads=cfg.num_attention_heads)
-        dit = load_dit(Path(spec.dit_dir), cfg, device=spec.device, dtype=_DTYPES[spec.dtype],
+        dit = load_dit(Path(spec.dit_dir), cfg, device=spec.device, dtype=torch_dtype(spec.dtype),
                        distill=spec.model_cfg.sampling.distill, layers=self.mesh.layers)
         dit.attention = make_attention(spec.attention, spec.device)
         self.dit: MagiDiT = dit.shard(self.mesh).eval()

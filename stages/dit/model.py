@@ -40,8 +40,8 @@ from stages.dit.layers import LayerContext, TransformerLayer
 from stages.dit.packed import KVBuffers, PackedWindow
 from stages.dit.step import LATENT_CHANNELS, AbsentLayer, pack_step, unpatchify
 from stages.dit.window_forward import DiTInput, DiTOutput, forward_window
+from stages.dtypes import torch_dtype
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TransformerBlock(nn.Module):
@@ -65,7 +65,7 @@ class MagiDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attention = attention or default_backend()
-        dtype = _DTYPES[cfg.params_dtype]
+        dtype = torch_dtype(cfg.params_dtype)
         p, pt = cfg.patch_size, cfg.t_patch_size
         self.x_embedder = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=(pt, p, p), stride=(pt, p, p), bias=False)
         self.t_embedder = TimestepEmbedder(cfg)

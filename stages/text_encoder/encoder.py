@@ -23,10 +23,10 @@ import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
 from stages.config import TextEncoderConfig
+from stages.dtypes import torch_dtype
 from stages.text_encoder.cleaning import MAX_PROMPT_CHARS, validate_prompt
 
 Embedding = tuple[torch.Tensor, torch.Tensor]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CHECKED_FIELDS = ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "vocab_size")
 
 
@@ -69,7 +69,7 @@ def load_t5(ckpt_dir: Path, cfg: TextEncoderConfig, device: str | torch.device =
     if not (ckpt_dir / "config.json").is_file():
         raise FileNotFoundError(f"no T5 checkpoint (config.json) in {ckpt_dir}")
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
-    model = T5EncoderModel.from_pretrained(str(ckpt_dir), local_files_only=True, dtype=_DTYPES[cfg.dtype])
+    model = T5EncoderModel.from_pretrained(str(ckpt_dir), local_files_only=True, dtype=torch_dtype(cfg.dtype))
     for name in _CHECKED_FIELDS:
         if getattr(model.config, name) != getattr(cfg, name):
             raise ValueError(

@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from stages.config import VaeConfig
+from stages.config import VaeConfig, magi_home
 from stages.vae import tiling
 from stages.vae.modules import VaeDecoder
 
@@ -47,9 +47,7 @@ INPUT_NAME, OUTPUT_NAME = "latent", "video"
 
 def default_cache_dir() -> Path:
     """``$MAGI_HOME/vae-runtime`` or ``~/.cache/magi-serve/vae-runtime``."""
-    home = os.environ.get("MAGI_HOME")
-    base = Path(home) if home else Path.home() / ".cache" / "magi-serve"
-    return base / "vae-runtime"
+    return magi_home() / "vae-runtime"
 
 
 def check_tile_shape(shape: Sequence[int], field: str = "tile_shape") -> TileShape:
