@@ -9,6 +9,7 @@ here serve collection-time needs (parametrizing over the cases a JSON file lists
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,3 +41,28 @@ def need(path: Path, what: str) -> Path:
     if required():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+MISSING = "no-golden-data"  # the one parameter of a golden test when its JSON file is absent
+
+
+def golden_json(name: str) -> dict | None:
+    """``golden_dir() / name`` parsed, or None when absent (collection time; tests use fixtures)."""
+    path = golden_dir() / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def golden_params(name: str, key: str = "cases", where=None) -> list:
+    """Names of the entries of ``golden_json(name)[key]`` (in file order) for which
+    ``where(entry)`` holds, to parametrize a test over; ``[MISSING]`` when the file is absent,
+    so that the test runs once and its ``golden_dir`` fixture skips it (fails under
+    MAGI_REQUIRE_GOLDEN=1)."""
+    data = golden_json(name)
+    if data is None:
+        return [MISSING]
+    return [n for n, entry in data[key].items() if where is None or where(entry)]
+
+
+def golden_file(name: str) -> Path:
+    """``golden_dir() / name``; skips (fails under MAGI_REQUIRE_GOLDEN=1) when absent."""
+    return need(golden_dir() / name, f"golden file {name}")

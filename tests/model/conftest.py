@@ -1,6 +1,6 @@
-"""Shared fixtures for the DiT and engine tests: the reference golden data (``shared/golden``).
-
-Fixtures skip the test when the golden folder is absent (see ``dit_fixtures.GOLDEN_DIR``).
+"""Shared fixtures for the DiT and engine tests: the reference golden data (``../shared/golden``,
+through the ``golden_dir`` fixture of tests/conftest.py: skipped when absent, failed under
+MAGI_REQUIRE_GOLDEN=1).
 """
 
 from __future__ import annotations
@@ -11,41 +11,34 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.model.dit_fixtures import GOLDEN_DIR, dit_config_from_reference, golden_available
+from tests.model.dit_fixtures import WEIGHTS, dit_config_from_reference
 
 
 @pytest.fixture(scope="session")
-def golden_index() -> dict:
-    if not golden_available():
-        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
-    return json.loads((GOLDEN_DIR / "golden_dit.json").read_text())
+def golden_index(golden_dir) -> dict:
+    """``golden_dit.json``."""
+    return json.loads((golden_dir / "golden_dit.json").read_text())
 
 
 @pytest.fixture(scope="session")
-def golden_tensors() -> dict[str, torch.Tensor]:
-    if not golden_available():
-        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
-    return load_file(str(GOLDEN_DIR / "golden_dit.safetensors"))
+def golden_tensors(golden_dir) -> dict[str, torch.Tensor]:
+    """``golden_dit.safetensors``."""
+    return load_file(str(golden_dir / "golden_dit.safetensors"))
 
 
 @pytest.fixture(scope="session")
-def tiny_configs() -> dict:
+def tiny_configs(golden_dir) -> dict:
     """``tiny_dit_config.json`` as a dict."""
-    if not golden_available():
-        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
-    return json.loads((GOLDEN_DIR / "tiny_dit_config.json").read_text())
+    return json.loads((golden_dir / "tiny_dit_config.json").read_text())
 
 
 @pytest.fixture(scope="session")
-def golden_models(tiny_configs):
+def golden_models(golden_dir, tiny_configs):
     """{"base": MagiDiT, "glu": MagiDiT} loaded from the golden tiny weights (float32, eval)."""
     from stages.dit.weights import load_dit
 
-    models = {}
-    for name, file in (("base", "tiny_dit.safetensors"), ("glu", "tiny_dit_glu.safetensors")):
-        cfg = dit_config_from_reference(tiny_configs[name]["model_config"])
-        models[name] = load_dit(GOLDEN_DIR / file, cfg).eval()
-    return models
+    return {name: load_dit(golden_dir / file, dit_config_from_reference(tiny_configs[name]["model_config"])).eval()
+            for name, file in WEIGHTS.items()}
 
 
 # ----- the tiny VAE (magi-tiny, deterministic random weights), shared by the VAE tests -----

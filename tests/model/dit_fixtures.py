@@ -1,134 +1,188 @@
-"""Golden-data helpers for the DiT / engine tests (reference outputs in ``shared/golden``, see its README).
-
-The golden folder is ``$MAGI_GOLDEN_DIR`` or ``<repo>/../shared/golden``.
+"""Golden-data helpers for the DiT / engine tests (reference outputs in ``../shared/golden``, see
+its README). Every setting of a case (shapes, seed, steps, window, chunk width, guidance and KV
+settings, thresholds) is read from the case's JSON entry, so a golden set made by the same harness
+at other sizes runs unchanged. Not a test module.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
 
-import pytest
 import torch
 
-from stages.config import DiTConfig, ModelConfig, SamplingConfig, TextEncoderConfig, VaeConfig
 from cluster.engine import Engine
-from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, PromptSegment
-from stages.dit.window_forward import DiTInput
+from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, PromptSegment
+from stages.config import DiTConfig, ModelConfig, SamplingConfig, TextEncoderConfig, VaeConfig
+from stages.dit.model import MagiDiT
+from stages.dit.packed import DenseKV, PackedWindow
 
-REPO = Path(__file__).resolve().parents[2]
-GOLDEN_DIR = Path(os.environ.get("MAGI_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
-
-
-def golden_available() -> bool:
-    return (GOLDEN_DIR / "golden_dit.json").exists()
-
-
-needs_golden = pytest.mark.skipif(not golden_available(), reason=f"golden data not found at {GOLDEN_DIR}")
+ATOL_SF, RTOL_SF = 1e-5, 1e-4  # single forwards (golden README)
+ATOL_E2E, RTOL_E2E = 1e-4, 1e-3  # end-to-end chunks
+WEIGHTS = {"base": "tiny_dit.safetensors", "glu": "tiny_dit_glu.safetensors"}  # golden README, "Files"
 
 
 def dit_config_from_reference(model_config: dict) -> DiTConfig:
     """Map a reference ``model_config`` dict (``tiny_dit_config.json``) onto :class:`DiTConfig`."""
-    fields = set(DiTConfig.model_fields)
-    kw = {k: v for k, v in model_config.items() if k in fields}
+    kw = {k: v for k, v in model_config.items() if k in DiTConfig.model_fields}
     kw["params_dtype"] = str(model_config["params_dtype"]).replace("torch.", "")
     return DiTConfig(**kw)
 
 
-def sampling_config_from_reference(run: dict) -> SamplingConfig:
-    """Map a reference run config (``runtime_config`` + ``engine_config``) onto :class:`SamplingConfig`."""
-    rt, eng = run["runtime_config"], run["engine_config"]
+# ----- which run config and model a case used --------------------------------------
+
+
+def run_config_name(case: str, tiny_configs: dict) -> str:
+    """Run config (``tiny_dit_config.json`` ``run_configs``) the harness used for ``case``, read
+    from the file's ``run_configs_note`` map (``a/b* -> x; c/d -> y/z``: globs allowed, pairs
+    matched by position when both sides have as many names).
+
+    Raises:
+        KeyError: the note maps no pattern onto ``case``.
+    """
+    found = {}
+    for lhs, rhs in re.findall(r"([\w*]+(?:/[\w*]+)*) -> (\w+(?:/\w+)*)", tiny_configs["run_configs_note"]):
+        names, runs = lhs.split("/"), rhs.split("/")
+        for i, pattern in enumerate(names):
+            if fnmatch(case, pattern):
+                found[pattern] = runs[i] if len(runs) == len(names) else runs[0]
+    if not found:
+        raise KeyError(f"tiny_dit_config.json run_configs_note maps no run config onto {case!r}")
+    return found.get(case) or next(iter(found.values()))  # an exact name wins over a glob
+
+
+def model_name(model_config: dict, tiny_configs: dict) -> str:
+    """The tiny model (``base`` / ``glu``) whose ``model_config`` equals ``model_config``."""
+    return next(n for n in WEIGHTS if tiny_configs[n]["model_config"] == model_config)
+
+
+def sampling_config(run: dict, case: dict | None = None) -> SamplingConfig:
+    """SamplingConfig of a run config (``runtime_config`` + ``engine_config``), overridden by the
+    e2e ``case``'s own settings where it has them."""
+    rt, eng, case = run["runtime_config"], run["engine_config"], case or {}
+    pick = lambda k, src: case.get(k, src[k])  # noqa: E731
     return SamplingConfig(
-        num_steps=rt["num_steps"],
-        window_size=rt["window_size"],
-        chunk_width=rt["chunk_width"],
-        temporal_downsample_factor=rt["temporal_downsample_factor"],
-        fps=rt["fps"],
-        cfg_number=rt["cfg_number"],
-        cfg_t_range=tuple(rt["cfg_t_range"]),
-        prev_chunk_scales=tuple(rt["prev_chunk_scales"]),
-        text_scales=tuple(rt["text_scales"]),
-        noise2clean_kvrange=tuple(rt["noise2clean_kvrange"]),
-        clean_chunk_kvrange=rt["clean_chunk_kvrange"],
-        clean_t=rt["clean_t"],
-        shortcut_mode=eng["shortcut_mode"],
-        distill=eng["distill"],
-        distill_nearly_clean_chunk_threshold=eng["distill_nearly_clean_chunk_threshold"],
+        num_steps=pick("num_steps", rt), window_size=pick("window_size", rt), chunk_width=pick("chunk_width", rt),
+        temporal_downsample_factor=rt["temporal_downsample_factor"], fps=rt["fps"], cfg_number=pick("cfg_number", rt),
+        cfg_t_range=tuple(pick("cfg_t_range", rt)), prev_chunk_scales=tuple(pick("prev_chunk_scales", rt)),
+        text_scales=tuple(pick("text_scales", rt)), noise2clean_kvrange=tuple(pick("noise2clean_kvrange", rt)),
+        clean_chunk_kvrange=pick("clean_chunk_kvrange", rt), clean_t=pick("clean_t", rt),
+        shortcut_mode=pick("shortcut_mode", eng), distill=pick("distill", eng),
+        distill_nearly_clean_chunk_threshold=pick("distill_nearly_clean_chunk_threshold", eng),
     )
 
 
-# ----- single-forward cases -----
+def model_config(case: dict, run: dict, dit_cfg: DiTConfig) -> ModelConfig:
+    """ModelConfig of e2e ``case``: geometry from its ``latent_size`` (1, C, T, h, w)."""
+    factor = ModelConfig.model_fields["vae_spatial_factor"].default
+    h, w = case["latent_size"][-2:]
+    return ModelConfig(
+        name="golden-tiny", dit=dit_cfg, vae=VaeConfig(), sampling=sampling_config(run, case),
+        text_encoder=TextEncoderConfig(max_length=dit_cfg.caption_max_length, d_model=dit_cfg.caption_channels),
+        height=h * factor, width=w * factor,
+    )
 
 
-def _distill_dt(kwargs: dict, k: int) -> torch.Tensor:
-    """Reference ``get_embedding_and_meta`` distill dt (base weights with engine.distill)."""
-    if kwargs["num_steps"] == 12:
-        factor = 4 / kwargs["distill_interval"] * 2
-    else:
-        factor = kwargs["num_steps"] / 4 * 2
-    return torch.full((k,), factor, dtype=torch.float32)
+# ----- one DiT forward over a window (on the public packed forward) ---------------------
 
 
-def sf_case_input(case: str, index: dict, tensors: dict) -> DiTInput:
-    """DiTInput of single-forward case ``case`` (one segment, no history, caption_dropout False)."""
+def forward_window(model: MagiDiT, x, t, y, y_mask, kv_range, caption_dropout=None, distill_dt=None) -> torch.Tensor:
+    """One reference ``VideoDiTModel.forward`` without history: a window of K chunks.
+
+    Args: x (C, T, H, W) float32 latents; t (K,) timesteps; y (K, L, caption_channels) captions;
+        y_mask (K, L); kv_range (K, 2) [start, end) in tokens over the window's keys;
+        caption_dropout (K,) bool (default all False); distill_dt (K,) or None.
+    Returns: (C_out, T, H, W) float32 velocity.
+    """
+    cfg, k = model.cfg, int(t.shape[0])
+    tpc = model.tokens_per_chunk(x.shape[1] // k, x.shape[2], x.shape[3])
+    keys = DenseKV(cfg.num_layers, k * tpc, cfg.num_query_groups, cfg.kv_channels, model.params_dtype, model.device)
+    window = PackedWindow(
+        x=x, t=t, y=y, y_mask=y_mask, key_ranges=[[(int(a), int(b))] for a, b in kv_range.tolist()],
+        caption_dropout=torch.zeros(k, dtype=torch.bool) if caption_dropout is None else caption_dropout,
+        kv_dest=[i * tpc for i in range(k)], distill_dt=distill_dt,
+    )
+    with torch.no_grad():
+        return model.forward_packed([window], keys, cross_per_chunk=False)[0]
+
+
+def sf_distill_dt(kwargs: dict, k: int) -> torch.Tensor:
+    """Reference ``get_embedding_and_meta`` distill dt: num_steps / 4 * 2, or 4 / distill_interval * 2
+    for the 12-step shortcut schedule (golden README, "cfg_number = 1")."""
+    n = kwargs["num_steps"]
+    return torch.full((k,), 4 / kwargs["distill_interval"] * 2 if n == 12 else n / 4 * 2, dtype=torch.float32)
+
+
+@dataclass
+class SfCase:
+    """A single-forward case: the model to run and its inputs (see :func:`forward_window`)."""
+
+    model: str
+    inputs: dict = field(default_factory=dict)
+
+
+def sf_case(case: str, index: dict, tensors: dict, tiny_configs: dict) -> SfCase:
+    """Model and inputs of single-forward ``case`` (one segment, no history, caption_dropout False)."""
+    run = tiny_configs["run_configs"][run_config_name(case, tiny_configs)]
     g = lambda n: tensors[f"{case}/{n}"]  # noqa: E731
     k = g("t").shape[1]
-    return DiTInput(
-        x=g("x")[0],
-        t=g("t")[0],
-        y=g("y")[:, 0],
-        y_mask=g("mask")[:, 0],
-        kv_range=g("kv_range"),
-        caption_dropout=torch.zeros(k, dtype=torch.bool),
-        distill_dt=_distill_dt(index["cases"][case]["kwargs"], k) if "distill" in case else None,
-    )
+    dt = sf_distill_dt(index["cases"][case]["kwargs"], k) if run["engine_config"]["distill"] else None
+    inputs = dict(x=g("x")[0], t=g("t")[0], y=g("y")[:, 0], y_mask=g("mask")[:, 0], kv_range=g("kv_range"), distill_dt=dt)
+    return SfCase(model_name(run["model_config"], tiny_configs), inputs)
 
 
-# ----- end-to-end cases -----
-
-E2E_CASES = {
-    "e2e_t2v_base_cfg3": "base_cfg3",
-    "e2e_t2v_distill_cfg1_ns8": "distill_cfg1_ns8",
-    "e2e_t2v_distill_cfg1_ns12": "distill_cfg1_ns12",
-    "e2e_t2v_base_cfg3_w4_ns16_5chunks": "base_cfg3_w4",
-    "e2e_i2v_base_cfg3": "base_cfg3",
-    "e2e_i2v_distill_cfg1_ns8": "distill_cfg1_ns8",
-    "e2e_v2v_base_cfg3": "base_cfg3",
-    "e2e_t2v_glu_cfg3": "glu_cfg3",
-}
-ATOL_E2E, RTOL_E2E = 1e-4, 1e-3
+# ----- end-to-end cases through the engine's multi-job API ------------------------------
 
 
-def model_config_for_run(run: dict, dit_cfg) -> ModelConfig:
-    """ModelConfig of a golden run config (``tiny_dit_config.json`` ``run_configs``)."""
-    rt = run["runtime_config"]
-    return ModelConfig(
-        name="golden-tiny", dit=dit_cfg, vae=VaeConfig(),
-        text_encoder=TextEncoderConfig(max_length=dit_cfg.caption_max_length, d_model=dit_cfg.caption_channels),
-        sampling=sampling_config_from_reference(run), height=rt["video_size_h"], width=rt["video_size_w"],
-    )
+@dataclass
+class E2ERun:
+    """What the engine did for one e2e case: its events, steps and, when recorded, per step the
+    packed windows and raw branch velocities of its forwards (``forwards[step]``)."""
+
+    events: list
+    steps: int
+    forwards: list = field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[LatentChunk]:
+        return [e for e in self.events if isinstance(e, LatentChunk)]
 
 
-def run_case(case: str, golden_index, golden_tensors, golden_models, tiny_configs):
-    """Run e2e case ``case`` through the Engine with the reference's noise and per-chunk
-    captions injected; returns (JobRun, events, number of steps)."""
-    meta = golden_index["cases"][case]
-    run = tiny_configs["run_configs"][E2E_CASES[case]]
-    dit = golden_models[meta["model_config_name"]]
-    g = lambda n: golden_tensors[f"{case}/{n}"]  # noqa: E731
-    mc = model_config_for_run(run, dit.cfg)
-    prefix = g("prefix_video")[0] if meta["prefix_frames"] else None
+class ForwardRecorder:
+    """Wraps an engine's packed DiT forward and keeps (window, velocity) of every branch window."""
+
+    def __init__(self, engine: Engine):
+        self.inner, self.calls = engine.runner.forward_packed, []
+        engine.runner.forward_packed = self
+
+    def __call__(self, windows, kv):
+        out = self.inner(windows, kv)
+        self.calls.extend((w, v.clone()) for w, v in zip(windows, out))
+        return out
+
+
+def case_job(case: str, meta: dict, tensors: dict, mc: ModelConfig) -> EngineJob:
+    """The engine job of e2e ``case``: the reference's prepared per-chunk captions ``y[0]`` and
+    prefix latent; seed and steps from the case."""
+    g = lambda n: tensors[f"{case}/{n}"]  # noqa: E731
     offset = meta["prefix_frames"] // meta["chunk_width"]
     n_out = len(meta["yielded_chunk_indices"])
     y, masks = g("y"), g("y_masks")
     captions = tuple((r, CaptionEmbedding(y[0, offset + r], masks[0, offset + r])) for r in range(n_out))
-    spec = JobSpec(
-        job_id=case, prompt_segments=(PromptSegment(0, "golden"),), num_chunks=n_out, height=mc.height, width=mc.width,
-        seed=meta["seed"], num_steps=meta["num_steps"],
-    )
-    job = Engine(mc, dit).start(EngineJob(spec=spec, captions=captions, prefix_latent=prefix), noise=g("noise"))
-    events, steps = [], 0
-    while not job.done:
-        events.extend(job.step())
-        steps += 1
-    return job, events, steps
+    spec = JobSpec(job_id=case, prompt_segments=(PromptSegment(0, "golden"),), num_chunks=n_out, height=mc.height,
+                   width=mc.width, seed=meta["seed"], num_steps=meta["num_steps"])
+    return EngineJob(spec=spec, captions=captions, prefix_latent=g("prefix_video")[0] if meta["prefix_frames"] else None)
+
+
+def run_case(engine: Engine, job: EngineJob, noise: torch.Tensor, record: bool = False) -> E2ERun:
+    """Submit ``job`` with the reference's ``noise`` and step the engine until it is idle."""
+    recorder = ForwardRecorder(engine) if record else None
+    engine.submit(job, noise=noise)
+    events, forwards = [], []
+    while engine.has_work:
+        events.extend(engine.step())
+        if recorder is not None and recorder.calls:
+            forwards.append(recorder.calls)
+            recorder.calls = []
+    return E2ERun(events, engine.stats().steps, forwards)
