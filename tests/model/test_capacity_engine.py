@@ -15,7 +15,7 @@ from cluster.capacity.working_set import forward_chunks, job_chunks
 from cluster.config import ServiceConfig
 from cluster.engine import Engine
 from cluster.messages import EngineJob, JobSpec, PromptSegment
-from tests.model.test_engine_fixtures import caption, tiny  # noqa: F401 (fixture)
+from tests.model.engine_fixtures import caption, tiny  # noqa: F401 (fixture)
 
 
 def default_size_job(job_id: str, cfg) -> EngineJob:

@@ -7,7 +7,7 @@ import pytest
 from cluster.engine import Engine, EngineBusy, JobAdmitted, JobFinished, JobNotFound
 from cluster.messages import LatentChunk, Progress
 from stages.config import SamplingConfig
-from tests.model.test_engine_fixtures import STEPS, drain, image_latent, make_job, max_diff, run_alone, tiny  # noqa: F401
+from tests.model.engine_fixtures import STEPS, drain, image_latent, make_job, max_diff, run_alone, tiny  # noqa: F401
 
 
 def test_three_jobs_batched_equal_alone_bitwise(tiny):

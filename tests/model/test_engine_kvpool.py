@@ -10,7 +10,7 @@ from cluster.engine.kv_layout import kv_areas
 from stages.config import magi_tiny
 from stages.dit.kv_pool import KVPool
 from stages.errors import InvalidInput
-from tests.model.test_engine_fixtures import make_job, max_diff, run_alone, tiny  # noqa: F401 (fixture)
+from tests.model.engine_fixtures import make_job, max_diff, run_alone, tiny  # noqa: F401 (fixture)
 
 
 def test_pool_regions_first_fit_merge_and_copy():

@@ -8,7 +8,7 @@ import torch
 from cluster.engine import Engine, JobNotFound
 from cluster.engine.job import NoiseSource, chunk_seed
 from stages.errors import InvalidInput
-from tests.model.test_engine_fixtures import caption, drain, make_job, max_diff, run_alone, tiny  # noqa: F401
+from tests.model.engine_fixtures import caption, drain, make_job, max_diff, run_alone, tiny  # noqa: F401
 
 
 def _with_update(cfg, dit, start_chunk, at_step):

@@ -8,7 +8,7 @@ import torch
 from cluster.engine import Engine
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress, PromptSegment
 from stages.errors import InvalidInput
-from tests.model.test_engine_fixtures import tiny  # noqa: F401  (the shared magi-tiny DiT fixture)
+from tests.model.engine_fixtures import tiny  # noqa: F401  (the shared magi-tiny DiT fixture)
 
 
 def _caption(cfg, seed: int, valid: int = 7) -> CaptionEmbedding:

@@ -19,7 +19,7 @@ from cluster.engine import Engine
 from cluster.serve.ranks import start_rank_group
 from stages.config import magi_tiny
 from stages.dit.weights import load_dit, write_tiny_checkpoint
-from tests.model.test_engine_fixtures import drain, image_latent, make_job
+from tests.model.engine_fixtures import drain, image_latent, make_job
 
 ATOL = RTOL = 1e-4
 MESHES = [(2, 1), (1, 2), (2, 2)]
