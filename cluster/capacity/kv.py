@@ -6,10 +6,10 @@ G_rank, Dh). The numbers come from the same functions the engine uses:
 
 * block = one chunk at the model's default size: ``block_tokens =
   DiTConfig.tokens_per_chunk(chunk_width, height / 8, width / 8)`` (``Engine.__init__``);
-* a job's region: :func:`cluster.engine.prepare.default_job_areas` (the areas of
-  :func:`cluster.engine.kv_layout.kv_areas`: ``main`` [ring | window] + ``text`` + ``uncond``
+* a job's region: :func:`cluster.scheduler.kv_areas.default_job_areas` (the areas of
+  :func:`cluster.scheduler.kv_areas.kv_areas`: ``main`` [ring | window] + ``text`` + ``uncond``
   for cfg_number 3 = 14 chunks at the shipped settings, ``main`` + ``extra`` = 6 for distilled
-  models), in blocks by :func:`cluster.engine.prepare.job_blocks` (``ceil(chunks * tpc /
+  models), in blocks by :func:`cluster.scheduler.kv_areas.job_blocks` (``ceil(chunks * tpc /
   block_tokens)``, so a job smaller than the default size still takes whole blocks);
 * bytes per token per rank: :meth:`stages.dit.kv_pool.KVPool.bytes_per_token` with the
   rank's layers and KV head groups.
@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.engine.kv_layout import KVAreas
-from cluster.engine.prepare import default_job_areas, job_blocks
+from cluster.scheduler.kv_areas import KVAreas, default_job_areas, job_blocks
 from stages.config import ModelConfig
 from stages.dit.kv_pool import KVPool
 from stages.parallel.mesh import kv_groups_of
@@ -54,7 +53,7 @@ class KVPlan:
     """One job's share of the engine's KV pool on one rank.
 
     Attributes:
-        areas: the job's region layout in chunks (:class:`cluster.engine.kv_layout.KVAreas`).
+        areas: the job's region layout in chunks (:class:`cluster.scheduler.kv_areas.KVAreas`).
         tokens_per_chunk: tpc at the planned resolution.
         block_tokens: tokens per pool block (one chunk at the model's default size).
         blocks_per_job: pool blocks of the job's region.

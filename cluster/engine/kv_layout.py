@@ -1,7 +1,7 @@
 """Where one job's K/V live inside its KV-pool region, and which key ranges its chunks read.
 
 A job's region (:class:`stages.dit.kv_pool.PoolRegion`) is cut into areas of whole chunks
-(``tpc`` tokens each):
+(``tpc`` tokens each; their sizes: :mod:`cluster.scheduler.kv_areas`):
 
 * ``main``: ``[ring | window]`` of the branch whose K/V are persisted (cfg_number 3:
   ``cond_prev``, cfg_number 1: the one forward). Global chunk ``c`` sits at chunk position
@@ -26,59 +26,12 @@ memory baseline): ``main`` then spans the whole job and ``base`` stays 0.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from cluster.scheduler.kv_areas import KVAreas
 from cluster.scheduler.plan import ChunkSlot, StepPlan
-from cluster.scheduler.stagger import StaggerSpec
 from stages.dit.kv_pool import KVPool, PoolRegion
-
-
-@dataclass(frozen=True)
-class KVAreas:
-    """Chunk capacities of the areas of one job's region (see module docstring)."""
-
-    main: int
-    text: int = 0
-    uncond: int = 0
-    extra: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.main + self.text + self.uncond + self.extra
-
-
-def main_span(spec: StaggerSpec) -> int:
-    """Most chunks [kv_keep_from, window end) any forward of ``spec``'s endless walk needs
-    (and the prefix chunks of a V2V prefix extraction). The walk is periodic once the window
-    is full, so stages up to W + max range + 2 cover every case."""
-    walk = spec.endless
-    ranges = [*walk.noise2clean_kvrange, max(1, walk.clean_chunk_kvrange)]
-    stages = walk.window_size + max(ranges) + 2
-    span = walk.chunk_offset
-    for g in range(walk.per * stages):
-        plan = walk.plan(g, kv_keep_from=walk.keep_from(g))
-        span = max(span, plan.slots[-1].chunk + 1 - plan.kv_keep_from)
-    return span
-
-
-def kv_areas(spec: StaggerSpec, cfg_number: int, keep_all: bool = False) -> KVAreas:
-    """Areas a job with stagger ``spec`` needs (``keep_all``: ``main`` = every chunk). Without
-    KV ranges (``noise2clean_kvrange`` empty: full causal attention) every chunk stays
-    readable, so the job is kept whole as with ``keep_all``.
-
-    Raises:
-        ValueError: every chunk must be kept (``keep_all`` or full causal) but the job is endless.
-    """
-    whole = keep_all or not spec.noise2clean_kvrange
-    if whole and spec.num_chunks is None:
-        raise ValueError("an endless job needs bounded KV ranges (noise2clean_kvrange) and the ring, not keep_all")
-    main = spec.num_chunks if whole else main_span(spec)
-    w = spec.window_size
-    if cfg_number == 3:
-        return KVAreas(main=main, text=w + 1, uncond=w)
-    return KVAreas(main=main, extra=1)
 
 
 class JobKV:

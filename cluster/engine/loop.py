@@ -22,7 +22,8 @@ forwards of bounded size), ``rope_horizon_chunks`` (RoPE policy for long streams
 Not thread-safe: call every method from one thread (e.g. the deployment's compute thread).
 
 Scheduling: admission is FIFO and bounded by ``max_active_jobs`` and the KV pool
-(:mod:`cluster.engine.admission`); every active job advances exactly one step per engine step
+(:mod:`cluster.scheduler.admission`, a replaceable policy); every active job advances exactly one
+step per engine step
 (a job's plans do not depend on what else runs), new jobs join at the next step, finished,
 cancelled and failed jobs leave at once. A job's chunks are bitwise the same alone or batched
 on CPU float32 (every chunk is its own attention group, projections of the condition and the
@@ -44,7 +45,6 @@ from typing import Any
 import torch
 
 from cluster.engine import snapshot as snapshots
-from cluster.engine.admission import Admission
 from cluster.engine.errors import EngineBusy, JobNotFound
 from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo
 from cluster.engine.kv_layout import JobKV
@@ -54,6 +54,7 @@ from cluster.engine.runner import BatchRunner, StepOutcome
 from cluster.engine.single import JobRun, job_events
 from cluster.engine.stats import EngineStats, Histogram, JobStat
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk
+from cluster.scheduler.admission import Admission, QueueFull
 from cluster.scheduler.plan import StepResult
 from stages.config import ModelConfig
 from stages.dit.kv_pool import KVPool
@@ -124,7 +125,7 @@ class Engine:
         self.runner = BatchRunner(self.dit, sp, self.pool, batch_cfg=batch_cfg, rope_horizon_chunks=rope_horizon_chunks,
                                   max_forward_tokens=max_forward_tokens,
                                   forward=None if ranks is None else ShardedForward(ranks))
-        self._admission = Admission(max_active_jobs, queue_limit, self._allocate_kv, self._retry_hint)
+        self._admission = Admission(max_active_jobs, queue_limit, self.pool)
         self._pending: list = []  # lifecycle events produced between steps (cancel, admission at submit)
         self._steps, self._chunks = 0, 0
         self._finished = {"done": 0, "cancelled": 0, "failed": 0}
@@ -172,18 +173,16 @@ class Engine:
         raise InvalidInput(name, f"the job needs {st.blocks} KV-pool blocks, the engine's pool has {self.pool.num_blocks} "
                                  "(Engine kv_pool_blocks)")
 
-    def _allocate_kv(self, st: JobState) -> bool:
-        region = self.pool.alloc(st.blocks)
-        if region is None:
-            return False
+    def _activate(self, st: JobState, region) -> None:
+        """Give an admitted job its K/V in ``region`` and restore its snapshot, if any."""
         st.ctx.kv = JobKV(self.pool, region, self.dit.tokens_per_chunk(st.ctx.chunk_width, st.ctx.latent_h,
                                                                          st.ctx.latent_w), st.areas, self.preparer.keep_all)
         st.state, st.timings.admitted = "active", time.perf_counter()
         if st.resume is not None:
             snapshots.restore(st, st.resume)
-        return True
 
     def _release_kv(self, st: JobState) -> None:
+        """Give a single-job run's region back (:class:`cluster.engine.single.JobRun`)."""
         if st.ctx.kv is not None:
             self.pool.release(st.ctx.kv.region)
             st.ctx.kv = None
@@ -205,9 +204,11 @@ class Engine:
         """
         st = self.preparer.prepare(job, noise)
         self._check_fits(st)
-        if not self._allocate_kv(st):
+        region = self.pool.alloc(st.blocks)
+        if region is None:
             raise EngineBusy(queue_limit=0, active=len(self._admission.active), queued=len(self._admission.queued),
                              retry_after_s=self._retry_hint())
+        self._activate(st, region)
         return JobRun(self, st)
 
     # ----- multi-job API ---------------------------------------------------------
@@ -228,7 +229,13 @@ class Engine:
         if resume is not None:
             snapshots.check(st, resume)
             st.resume = resume
-        if self._admission.offer(st.job_id, st):
+        try:
+            admitted = self._admission.offer(st.job_id, st, st.blocks)
+        except QueueFull as full:
+            raise EngineBusy(queue_limit=full.queue_limit, active=full.active, queued=full.queued,
+                             retry_after_s=self._retry_hint()) from None
+        if admitted:
+            self._activate(st, self._admission.region(st.job_id))
             self._pending.append(JobAdmitted(st.job_id, 0.0))
         return JobHandle(self, st)
 
@@ -263,6 +270,7 @@ class Engine:
         events, self._pending = self._pending, []
         now = time.perf_counter()
         for st in self._admission.admit():
+            self._activate(st, self._admission.region(st.job_id))
             events.append(JobAdmitted(st.job_id, now - st.timings.submitted))
         items = []
         for st in self._admission.active:
@@ -370,8 +378,8 @@ class Engine:
 
     # ----- bookkeeping -----------------------------------------------------------
     def _finish(self, st: JobState, state: str, error: str | None = None) -> JobFinished:
-        self._admission.remove(st.job_id)
-        self._release_kv(st)
+        self._admission.remove(st.job_id)  # gives its region back
+        st.ctx.kv = None
         st.ctx.latents.clear()
         st.state, st.error = state, error
         self._finished[state] += 1

@@ -7,21 +7,19 @@ the field; nothing a job brings can fail later inside a shared engine step.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cluster.engine.job import CaptionBook, JobContext, NoiseSource, fit_caption
-from cluster.engine.kv_layout import KVAreas, kv_areas
 from cluster.engine.stats import JobTimings
 from cluster.messages import EngineJob
 from cluster.scheduler.chunk_scheduler import ChunkScheduler
 from cluster.scheduler.chunks import prefix_split
+from cluster.scheduler.kv_areas import KVAreas, default_job_areas, job_blocks, kv_areas
 from cluster.scheduler.plan import StepResult
-from stages.config import ModelConfig, SamplingConfig
+from stages.config import ModelConfig
 from stages.dit.model import LATENT_CHANNELS, MagiDiT
 from stages.errors import InvalidInput
 from stages.sampling import init_intervals, init_t
@@ -52,25 +50,6 @@ class JobState:
     @property
     def job_id(self) -> str:
         return self.ctx.job_id
-
-
-def job_blocks(areas: KVAreas, tokens_per_chunk: int, block_tokens: int) -> int:
-    """KV-pool blocks of a job's region: ``ceil(areas.total * tokens_per_chunk / block_tokens)``."""
-    return math.ceil(areas.total * tokens_per_chunk / block_tokens)
-
-
-@functools.lru_cache(maxsize=64)
-def default_job_areas(sp: SamplingConfig, prefix_chunks: int = 0) -> KVAreas:
-    """KV areas (:func:`cluster.engine.kv_layout.kv_areas`) of an endless T2V job at the
-    default step count (a 16-chunk job when the KV ranges are unbounded), or of a V2V job
-    bringing ``prefix_chunks`` whole prefix chunks: what the engine reserves per job."""
-    sched = ChunkScheduler(
-        num_chunks=None if sp.noise2clean_kvrange else 16, window_size=sp.window_size, num_steps=sp.num_steps,
-        t_schedule=init_t(sp.num_steps, sp.shortcut_mode).tolist(),
-        distill_intervals=init_intervals(sp.num_steps, sp.shortcut_mode), chunk_offset=prefix_chunks,
-        noise2clean_kvrange=sp.noise2clean_kvrange, clean_chunk_kvrange=sp.clean_chunk_kvrange, clean_t=sp.clean_t,
-    )
-    return kv_areas(sched.spec, sp.cfg_number, keep_all=False)
 
 
 class JobPreparer:

@@ -39,6 +39,7 @@ import torch
 
 from cluster.engine.job import JobContext
 from cluster.engine.windows import JobStep, WindowBuilder
+from cluster.scheduler.forwards import split_forwards
 from cluster.scheduler.plan import StepPlan
 from stages.config import SamplingConfig
 from stages.dit.kv_pool import KVPool
@@ -111,18 +112,9 @@ class BatchRunner:
                     s.velocity[name] = v
 
     def _split(self, todo: list[tuple[JobStep, str]]) -> list[list[tuple[JobStep, str]]]:
-        """Consecutive runs of windows within the token budget (one run without a budget)."""
-        budget = self.max_forward_tokens
-        parts: list[list[tuple[JobStep, str]]] = []
-        used = 0
-        for s, name in todo:
-            tokens = s.branches[name].k * s.win.tpc
-            if not parts or (budget is not None and used + tokens > budget):
-                parts.append([])
-                used = 0
-            parts[-1].append((s, name))
-            used += tokens
-        return parts
+        """Forwards of the token budget (:func:`cluster.scheduler.forwards.split_forwards`)."""
+        groups = split_forwards([s.branches[name].k * s.win.tpc for s, name in todo], self.max_forward_tokens)
+        return [[todo[i] for i in group] for group in groups]
 
     def _rope_policy(self, ctx: JobContext, plan: StepPlan) -> None:
         horizon = self.rope_horizon_chunks

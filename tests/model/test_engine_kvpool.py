@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.engine import Engine
-from cluster.engine.kv_layout import kv_areas
+from cluster.scheduler.kv_areas import kv_areas
 from stages.config import magi_tiny
 from stages.dit.kv_pool import KVPool
 from stages.errors import InvalidInput

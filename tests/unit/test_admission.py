@@ -1,4 +1,4 @@
-"""Engine admission (bounded active set + bounded FIFO queue) and the stats objects, without a model."""
+"""Admission (bounded active set + bounded queue, replaceable policy; cluster.scheduler.admission) and the stats objects, without a model."""
 
 from __future__ import annotations
 
@@ -8,106 +8,121 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.engine.admission import Admission
+from cluster.scheduler.admission import Admission, FifoPolicy, QueueFull
 from cluster.engine.errors import EngineBusy, JobNotFound
 from cluster.engine.stats import Histogram, JobTimings
 
 
-class Pool:
-    """Stand-in resource counter with the allocate() contract (units per job)."""
+class Blocks:
+    """A block counter with the allocator contract (alloc(n) -> region or None, release(region))."""
 
     def __init__(self, units: int):
         self.free = units
-        self.held: dict[str, int] = {}
 
-    def allocate(self, job) -> bool:
-        name, need = job
-        if need > self.free:
-            return False
-        self.free -= need
-        self.held[name] = need
-        return True
+    def alloc(self, blocks: int):
+        if blocks > self.free:
+            return None
+        self.free -= blocks
+        return ("region", blocks)
 
-    def release(self, name: str) -> None:
-        self.free += self.held.pop(name)
+    def release(self, region) -> None:
+        self.free += region[1]
+
+
+def _offer(adm: Admission, name, need: int) -> bool:
+    return adm.offer(name, name, need)
 
 
 def test_admits_until_full_then_queues_fifo_with_positions():
-    pool = Pool(10)
-    adm = Admission(max_active=2, queue_limit=3, allocate=pool.allocate)
-    assert adm.offer("a", ("a", 3)) and adm.offer("b", ("b", 3))
-    assert not adm.offer("c", ("c", 3))  # active set full
-    assert not adm.offer("d", ("d", 1))
-    assert [j[0] for j in adm.active] == ["a", "b"] and [j[0] for j in adm.queued] == ["c", "d"]
+    pool = Blocks(10)
+    adm = Admission(max_active=2, queue_limit=3, blocks=pool)
+    assert _offer(adm, "a", 3) and _offer(adm, "b", 3)
+    assert adm.region("a") == ("region", 3) and pool.free == 4
+    assert not _offer(adm, "c", 3)  # active set full
+    assert not _offer(adm, "d", 1)
+    assert adm.active == ["a", "b"] and adm.queued == ["c", "d"] and adm.region("c") is None
     assert adm.position("c") == 0 and adm.position("d") == 1 and adm.position("a") is None
     assert adm.admit() == []  # still full
-    adm.remove("a")
-    pool.release("a")
-    assert [j[0] for j in adm.admit()] == ["c"]
-    assert adm.position("d") == 0 and "c" in adm and adm.get("c") == ("c", 3)
+    adm.remove("a")  # gives its region back
+    assert pool.free == 7 and adm.region("a") is None
+    assert adm.admit() == ["c"]
+    assert adm.position("d") == 0 and "c" in adm and adm.get("c") == "c" and pool.free == 4
 
 
-def test_queue_bound_raises_engine_busy_with_retry_hint():
-    adm = Admission(max_active=1, queue_limit=1, allocate=lambda job: True, retry_hint=lambda: 12.5)
-    adm.offer("a", "a")
-    adm.offer("b", "b")
-    with pytest.raises(EngineBusy) as err:
-        adm.offer("c", "c")
-    assert err.value.retry_after_s == 12.5 and err.value.queue_limit == 1
-    assert "retry in about 12.5 s" in str(err.value) and "c" not in adm
-    again = pickle.loads(pickle.dumps(err.value))  # crosses Ray to the ingress
-    assert isinstance(again, EngineBusy) and again.retry_after_s == 12.5 and str(again) == str(err.value)
+def test_full_queue_raises_queue_full_and_the_engine_error_crosses_ray():
+    adm = Admission(max_active=1, queue_limit=1, blocks=Blocks(100))
+    _offer(adm, "a", 1)
+    _offer(adm, "b", 1)
+    with pytest.raises(QueueFull) as err:
+        _offer(adm, "c", 1)
+    assert (err.value.queue_limit, err.value.active, err.value.queued) == (1, 1, 1) and "c" not in adm
+    busy = EngineBusy(queue_limit=1, active=1, queued=1, retry_after_s=12.5)
+    assert "retry in about 12.5 s" in str(busy)
+    again = pickle.loads(pickle.dumps(busy))  # crosses Ray to the ingress
+    assert isinstance(again, EngineBusy) and again.retry_after_s == 12.5 and str(again) == str(busy)
     assert pickle.loads(pickle.dumps(JobNotFound("j"))).job_id == "j"
     with pytest.raises(ValueError, match="already queued or running"):
-        adm.offer("a", "a")
+        _offer(adm, "a", 1)
 
 
 def test_head_of_line_is_not_overtaken_by_smaller_jobs():
     """Strict FIFO: a big job waiting for resources is not starved by small ones behind it."""
-    pool = Pool(4)
-    adm = Admission(max_active=4, queue_limit=4, allocate=pool.allocate)
-    adm.offer("small1", ("small1", 2))
-    assert not adm.offer("big", ("big", 4))
-    assert not adm.offer("small2", ("small2", 1))  # would fit, but big is ahead of it
+    pool = Blocks(4)
+    adm = Admission(max_active=4, queue_limit=4, blocks=pool)
+    _offer(adm, "small1", 2)
+    assert not _offer(adm, "big", 4)
+    assert not _offer(adm, "small2", 1)  # would fit, but big is ahead of it
     assert adm.admit() == []
     adm.remove("small1")
-    pool.release("small1")
-    assert [j[0] for j in adm.admit()] == ["big"]
+    assert adm.admit() == ["big"]
     assert adm.position("small2") == 0
 
 
+class SmallestFirst:
+    """A replacement policy: the waiting job with the smallest demand (ties: oldest)."""
+
+    def pick(self, waiting):
+        return min(waiting, key=lambda w: (w.blocks, w.seq), default=None)
+
+
+def test_the_policy_is_replaceable():
+    adm = Admission(max_active=4, queue_limit=4, blocks=Blocks(4), policy=SmallestFirst())
+    _offer(adm, "small1", 2)
+    assert not _offer(adm, "big", 4) and not _offer(adm, "small2", 1)
+    assert adm.admit() == ["small2"]  # overtakes big under this policy
+    assert isinstance(Admission(1, 0, Blocks(1)).policy, FifoPolicy)
+
+
 def test_resource_refusal_queues_even_with_free_active_places():
-    pool = Pool(2)
-    adm = Admission(max_active=3, queue_limit=2, allocate=pool.allocate)
-    assert adm.offer("a", ("a", 2))
-    assert not adm.offer("b", ("b", 2))  # active places left, no resources
+    adm = Admission(max_active=3, queue_limit=2, blocks=Blocks(2))
+    assert _offer(adm, "a", 2)
+    assert not _offer(adm, "b", 2)  # active places left, no resources
     assert adm.remove("nobody") is None
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=12), st.integers(1, 3), st.integers(4, 8))
 def test_every_job_is_admitted_in_submission_order(needs, max_active, units):
-    """No starvation: finishing the oldest active job repeatedly admits every job, in FIFO order."""
-    pool = Pool(units)
-    adm = Admission(max_active=max_active, queue_limit=len(needs), allocate=pool.allocate)
+    """No starvation: finishing the oldest active job repeatedly admits every job, in FIFO order;
+    every region goes back to the allocator."""
+    pool = Blocks(units)
+    adm = Admission(max_active=max_active, queue_limit=len(needs), blocks=pool)
     order = []
     for i, need in enumerate(needs):
-        if adm.offer(i, (i, need)):
+        if _offer(adm, i, need):
             order.append(i)
     while adm.active:
-        done = adm.active[0][0]
-        adm.remove(done)
-        pool.release(done)
-        order += [j[0] for j in adm.admit()]
+        adm.remove(adm.active[0])
+        order += adm.admit()
         assert len(adm.active) <= max_active
-    assert order == list(range(len(needs))) and not adm.queued
+    assert order == list(range(len(needs))) and not adm.queued and pool.free == units
 
 
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="max_active"):
-        Admission(0, 1, allocate=lambda j: True)
+        Admission(0, 1, Blocks(1))
     with pytest.raises(ValueError, match="queue_limit"):
-        Admission(1, -1, allocate=lambda j: True)
+        Admission(1, -1, Blocks(1))
     assert "no queued or running job 'x'" in str(JobNotFound("x"))
 
 

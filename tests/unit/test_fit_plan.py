@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 from cluster.capacity import DoesNotFit, FitSettings, GpuSpec, check_fits, get_gpu, plan_fit
 from cluster.capacity.gpus import GPUS
-from cluster.engine.kv_layout import KVAreas
-from cluster.engine.prepare import default_job_areas
+from cluster.scheduler.kv_areas import KVAreas, default_job_areas
 from cluster.units import GiB
 from stages.config import load_preset
 from stages.dit.kv_pool import KVPool

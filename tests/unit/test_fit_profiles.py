@@ -6,7 +6,7 @@ import pytest
 
 from cluster.capacity import DoesNotFit
 from cluster.capacity.profiles import PROFILE_DIR, ProfileError, load_profile, load_profiles, main
-from cluster.engine.prepare import default_job_areas
+from cluster.scheduler.kv_areas import default_job_areas
 from cluster.units import GiB
 
 SHIPPED = {  # name -> (model preset, gpu, cp_size, pp_size): the layouts issue 5 asks for

@@ -89,3 +89,30 @@ def test_counts_function_level_type_checking_and_relative_imports(tmp_path):
 def test_no_import_cycles():
     cycles = import_cycles(import_graph())
     assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_layer_boundaries():
+    """cluster/scheduler is plain Python (no torch, no engine); cluster/capacity does not reach
+    into the engine; stages/ never imports cluster/ or ray."""
+    graph = import_graph()
+    for name in graph:
+        targets = set(graph.successors(name))
+        if name.startswith("cluster.scheduler"):
+            assert not {t for t in targets if not t.startswith(("cluster.scheduler", "stages.config", "stages.errors"))}, name
+            assert not _third_party(name) & {"torch", "numpy", "ray"}, name
+        if name.startswith("cluster.capacity"):
+            assert not {t for t in targets if t.startswith("cluster.engine")}, name
+        if name.startswith("stages"):
+            assert not {t for t in targets if t.startswith("cluster")} and "ray" not in _third_party(name), name
+
+
+def _third_party(module: str) -> set[str]:
+    """Top-level names of everything ``module`` imports (anywhere in it)."""
+    path = _modules(REPO)[module]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
