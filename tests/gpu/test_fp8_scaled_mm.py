@@ -12,7 +12,7 @@ import torch
 from stages.config import magi_tiny
 from stages.dit.fp8 import PER_CHANNEL, PER_TENSOR, FP8, QuantizedFp8Linear, scaled_mm_supported, set_fp8_mode
 from stages.dit.weights import load_dit, write_tiny_checkpoint
-from stages.dit.window_forward import DiTInput
+from tests.model.dit_fixtures import forward_window
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,18 +52,19 @@ def test_tiny_fp8_dit_on_gpu_matches_cpu_emulation(tmp_path):
     k, length = 2, cfg.caption_max_length
     mask = torch.zeros(k, length, dtype=torch.int64)
     mask[:, :9] = 1
-    inp = DiTInput(x=torch.randn(16, 4, 16, 16, generator=g), t=torch.tensor([0.3, 0.7]),
-                   y=torch.randn(k, length, cfg.caption_channels, generator=g), y_mask=mask,
-                   kv_range=torch.tensor([[0, 128], [0, 256]]), caption_dropout=torch.zeros(k, dtype=torch.bool))
+    inp = dict(x=torch.randn(16, 4, 16, 16, generator=g), t=torch.tensor([0.3, 0.7]),
+               y=torch.randn(k, length, cfg.caption_channels, generator=g), y_mask=mask,
+               kv_range=torch.tensor([[0, 128], [0, 256]]))
+    on_gpu = lambda d: {n: v.cuda() for n, v in d.items()}  # noqa: E731
     cpu = load_dit(tmp_path, cfg)
     set_fp8_mode(cpu, "emulate")
-    want = cpu(inp).velocity
+    want = forward_window(cpu, **inp)
     torch.backends.cuda.matmul.allow_tf32 = False
     gpu = load_dit(tmp_path, cfg, device="cuda")  # "auto" -> scaled_mm on this device
-    got = gpu(inp).velocity.cpu()
+    got = forward_window(gpu, **on_gpu(inp)).cpu()
     rel = ((got - want).norm() / want.norm()).item()
     print(f"tiny fp8 DiT, torch._scaled_mm on GPU vs CPU emulation: relative L2 {rel:.2e}")
     assert rel < 1e-2  # fp8 activation rounding can flip where upstream float sums differ in the last bit
     bf16 = load_dit(tmp_path, cfg, device="cuda", dtype=torch.bfloat16)
-    rel_bf16 = ((bf16(inp).velocity.float().cpu() - want).norm() / want.norm()).item()
+    rel_bf16 = ((forward_window(bf16, **on_gpu(inp)).float().cpu() - want).norm() / want.norm()).item()
     assert rel_bf16 < 0.05
