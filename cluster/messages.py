@@ -1,4 +1,7 @@
-"""Internal messages between the ingress, the stages and the engine (one module).
+"""Internal messages between the ingress, the stages and the engine (one module): requests
+(``JobSpec``, ``EngineJob``, ``CaptionEmbedding``) and the events of a job's stream
+(``QueuePosition``, ``Progress``, ``LatentChunk``). Engine-internal lifecycle events are in
+:mod:`cluster.engine.events`.
 
 Tensors travel as ``torch.Tensor`` on CPU (Ray serializes them zero-copy); the
 public API is the .proto in ``proto/magi/v1``. Shapes use named dims:
@@ -97,3 +100,13 @@ class LatentChunk:
     index: int
     latent: Any
     timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """The job waits for admission to the engine: ``position`` jobs are ahead of it in the
+    admission queue (0 = admitted next). Sent when the job is queued and whenever its position
+    changes, until it starts (before its first ``Progress``)."""
+
+    job_id: str
+    position: int

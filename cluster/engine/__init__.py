@@ -1,16 +1,20 @@
 """DiT engine: continuous batching of chunk-wise jobs over one DiT (never imports ray).
 
 See :mod:`cluster.engine.loop` for the API (``Engine.submit / step / cancel / update_prompt /
-snapshot / stats`` and the single-job ``Engine.start -> JobRun``).
+snapshot / stats`` and the single-job ``Engine.start -> JobRun``) and
+:mod:`cluster.engine.async_engine` for its asyncio front (``AsyncEngine.submit / events /
+cancel / update_prompt / stats``), which the DiTEngine deployment wraps.
 """
 
-from cluster.engine.errors import EngineBusy, JobNotFound
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.errors import EngineBusy, JobCancelled, JobFailed, JobNotFound
 from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo
 from cluster.engine.loop import Engine, JobRun
 from cluster.engine.snapshot import JobSnapshot
 from cluster.engine.stats import EngineStats, Histogram, HistogramSnapshot, JobStat
 
 __all__ = [
-    "Engine", "EngineBusy", "EngineStats", "Histogram", "HistogramSnapshot", "JobAdmitted", "JobFinished",
-    "JobHandle", "JobNotFound", "JobRun", "JobSnapshot", "JobStat", "StepInfo",
+    "AsyncEngine", "Engine", "EngineBusy", "EngineStats", "Histogram", "HistogramSnapshot", "JobAdmitted",
+    "JobCancelled", "JobFailed", "JobFinished", "JobHandle", "JobNotFound", "JobRun", "JobSnapshot", "JobStat",
+    "StepInfo",
 ]

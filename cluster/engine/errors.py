@@ -3,6 +3,8 @@
 * :class:`EngineBusy` -> ``RESOURCE_EXHAUSTED`` with ``retry_after_s`` as the retry hint
   (the admission queue is full).
 * :class:`JobNotFound` -> ``NOT_FOUND`` (no queued or active job with that id).
+* :class:`JobCancelled` -> ``CANCELLED`` (ends the stream of a job that ``cancel`` stopped).
+* :class:`JobFailed` -> ``INTERNAL`` (the engine failed the job; the message says why).
 * bad fields (``start_chunk`` of a prompt update, sizes the pool can never hold, ...) raise
   :class:`stages.errors.InvalidInput` -> ``INVALID_ARGUMENT``.
 """
@@ -44,3 +46,34 @@ class JobNotFound(KeyError):
 
     def __str__(self) -> str:
         return f"no queued or running job {self.job_id!r} on this engine"
+
+
+class JobCancelled(RuntimeError):
+    """A job's event stream ended because the job was cancelled (``AsyncEngine.cancel``, also a
+    cancel that came before the job). Picklable (crosses Ray).
+
+    Attributes:
+        job_id: the cancelled job.
+    """
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} was cancelled"
+
+
+class JobFailed(RuntimeError):
+    """The engine failed a job (a failing forward, or a bug in the step loop). Picklable.
+
+    Attributes:
+        job_id: the failed job; reason: what failed, in words (no traceback).
+    """
+
+    def __init__(self, job_id: str, reason: str | None):
+        super().__init__(job_id, reason)
+        self.job_id, self.reason = job_id, reason or "unknown error"
+
+    def __str__(self) -> str:
+        return f"engine failed job {self.job_id}: {self.reason}"

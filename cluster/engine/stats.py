@@ -7,7 +7,8 @@
   consecutive chunks of a job (the first chunk excluded).
 * :class:`EngineStats`: snapshot returned by ``Engine.stats()``: active / queued jobs, KV pool
   use, step time, TTFC / TPOC histograms, chunks produced, jobs finished by outcome, and one
-  :class:`JobStat` per queued or active job.
+  :class:`JobStat` per queued or active job (``AsyncEngine.stats`` gives the same record for
+  finished jobs too).
 Each ``LatentChunk.timings`` also carries ``dit_step_s`` and ``ttfc_s`` (first chunk) or
 ``tpoc_s`` (later chunks), so a deployment can observe histograms event by event.
 """
@@ -64,7 +65,12 @@ class Histogram:
 
 @dataclass
 class JobTimings:
-    """Monotonic-clock timestamps of one job (``time.perf_counter`` seconds)."""
+    """Monotonic-clock timestamps of one job (``time.perf_counter`` seconds) and the one place
+    TTFC / TPOC are computed (the engine's events, stats and metrics all read them from here).
+
+    TTFC = first chunk - submit (queue wait included); TPOC = mean gap between consecutive
+    chunks = (last chunk - first chunk) / (chunks - 1). Constant memory for endless jobs.
+    """
 
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
@@ -72,18 +78,16 @@ class JobTimings:
     last_chunk: float | None = None
     chunks: int = 0
     steps: int = 0
-    tpoc_sum: float = 0.0
 
     def chunk(self, now: float) -> dict[str, float]:
-        """Record a chunk emitted at ``now``; returns its ``ttfc_s`` or ``tpoc_s``."""
+        """Record a chunk emitted at ``now``; returns its ``ttfc_s`` (first chunk) or ``tpoc_s``
+        (the gap since the previous chunk)."""
+        previous, self.last_chunk = self.last_chunk, now
         self.chunks += 1
-        if self.first_chunk is None:
-            self.first_chunk = self.last_chunk = now
-            return {"ttfc_s": now - self.submitted}
-        tpoc = now - self.last_chunk
-        self.last_chunk = now
-        self.tpoc_sum += tpoc
-        return {"tpoc_s": tpoc}
+        if previous is None:
+            self.first_chunk = now
+            return {"ttfc_s": self.ttfc_s}
+        return {"tpoc_s": now - previous}
 
     @property
     def ttfc_s(self) -> float | None:
@@ -92,14 +96,26 @@ class JobTimings:
     @property
     def tpoc_s(self) -> float | None:
         """Mean time per output chunk after the first, None before the second chunk."""
-        return self.tpoc_sum / (self.chunks - 1) if self.chunks > 1 else None
+        return (self.last_chunk - self.first_chunk) / (self.chunks - 1) if self.chunks > 1 else None
 
 
 @dataclass(frozen=True)
 class JobStat:
-    """One queued or active job: ``state`` "queued" / "active"; ``queue_position`` 0-based or
-    None; ``steps`` engine steps run; ``chunks`` chunks emitted; ``ttfc_s`` / ``tpoc_s``
-    (None until known); ``kv_bytes`` its pool region (0 while queued)."""
+    """One job as the engine sees it: in ``Engine.stats().jobs`` (queued / active jobs) and from
+    ``AsyncEngine.stats(job_id)`` (also recently finished ones).
+
+    Attributes:
+        job_id: the job.
+        state: "queued" / "active" while in the engine, then "done", "cancelled" or "failed".
+        queue_position: jobs ahead of it in the admission queue (0-based), None unless queued.
+        steps: engine steps (DiT forwards) it took part in.
+        chunks: clean latent chunks it emitted.
+        ttfc_s, tpoc_s: seconds (:class:`JobTimings`), None until known.
+        kv_bytes: its KV-pool region, bytes (0 while queued or once finished).
+        total_forwards: forwards the whole job needs (None if endless or unknown).
+        finished_at: ``time.time()`` when it left the engine, None while it runs.
+        step_intervals: (start, end) ``time.time()`` of its most recent steps, oldest first.
+    """
 
     job_id: str
     state: str
@@ -109,6 +125,13 @@ class JobStat:
     ttfc_s: float | None
     tpoc_s: float | None
     kv_bytes: int
+    total_forwards: int | None = None
+    finished_at: float | None = None
+    step_intervals: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.finished_at is None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,14 @@ the proxy itself (Serve's ``enable_reflection``). The stream of a job (DESIGN.md
 
 Events go out in the order the engine produced them; a chunk takes its place in
 the stream at the moment its latent was produced, and waits only for its own
-decode. Bad requests end the stream with INVALID_ARGUMENT naming the field; a
-full engine with RESOURCE_EXHAUSTED (the details end with the retry hint "retry in
-about N s"); any other failure with INTERNAL. A cancelled client stream cancels the DiT stream
+decode. Requests arrive as raw bytes (:mod:`cluster.serve.servicers`) and are parsed
+here: an unparsable one gets INVALID_ARGUMENT "request: not a valid ...". Failures map
+to statuses in :mod:`cluster.serve.errors` (INVALID_ARGUMENT naming the field,
+RESOURCE_EXHAUSTED with the retry hint, UNAVAILABLE for a lost replica, INTERNAL "internal
+error"), each message ending "(request id <id>)", the details logged once under that id.
+A call ends without raising: a stream yields an event-less message after setting the
+status (the proxy copies the status with it and drops it), a unary call returns an empty
+response. A cancelled client stream cancels the DiT stream
 and calls ``DiTEngine.cancel`` (the engine stops the job between steps) and the
 pending decodes. Serve's gRPC proxy does not always pass a client's cancel on (see
 :mod:`cluster.serve.cancels`), so ``Cancel(job_id)`` stops a job without it; the
@@ -35,21 +40,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ServiceConfig
-from cluster.engine import JobNotFound
-from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress
-from cluster.serve import stream
-from cluster.serve.cancels import JobCancelled, check_job_id
-from cluster.serve.engine_types import EngineFull, QueuePosition
-from cluster.serve.validate import validate_request, validate_update
+from cluster.engine import EngineBusy
+from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress, QueuePosition
+from cluster.serve import errors, stream
+from cluster.serve.cancels import check_job_id
+from cluster.serve.drain import Gate, gated
+from cluster.serve.retry import RetryPacer
+from cluster.serve.health import ServingProbe
+from cluster.serve.validate import parse_request, validate_request, validate_update
 from magi.v1 import generate_pb2 as pb
 from stages.errors import InvalidInput
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoGeneration"].full_name
 _HEALTH_NAMES = ("", SERVICE_NAME, "grpc.health.v1.Health")
-
-
-class _Abort(Exception):
-    """Ends a gRPC call after ``grpc_context.set_code`` (Serve needs an exception, not a return)."""
 
 
 @serve.deployment(name="GrpcIngress")
@@ -64,68 +67,95 @@ class GrpcIngress:
         self._dit_unary = dit
         self._dit = dit.options(stream=True)
         self._vae = vae
+        self._gate = Gate()  # closed by drain()
+        self._pacer = RetryPacer(cfg.engine.max_active_jobs)  # spreads the retry hints
+        self._probe = ServingProbe(serve.get_replica_context().app_name, dit.deployment_name)
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1 ``Check``: SERVING for "" and the served services, NOT_FOUND otherwise."""
-        if request.service not in _HEALTH_NAMES:
-            _abort(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
-        """magi.v1 ``Generate``: one job's events (see the module docstring)."""
-        clock = stream.StreamClock()
+    async def Check(self, request: bytes, grpc_context) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1 ``Check``: SERVING / NOT_SERVING (:class:`ServingProbe`: can the app
+        generate now) for "" and the served services; NOT_FOUND for another name."""
+        rid = errors.request_id()
         try:
-            job_id = check_job_id(request.job_id) if request.job_id else uuid.uuid4().hex
-            spec = await asyncio.to_thread(validate_request, request, self._model, self._cfg.limits, job_id)
+            service = parse_request(health_pb2.HealthCheckRequest, request, self._cfg.limits).service
         except InvalidInput as exc:
-            _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        yield stream.accepted(spec, self._model)
+            errors.set_status(grpc_context, rid, "Check", exc)
+            return health_pb2.HealthCheckResponse()
+        if service not in _HEALTH_NAMES:
+            errors.refuse(grpc_context, rid, "Check", grpc.StatusCode.NOT_FOUND, f"unknown service {service[:80]!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=await self._probe.status())
+
+    @gated
+    async def Generate(self, request: bytes, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        """magi.v1 ``Generate``: one job's events (see the module docstring)."""
+        rid = errors.request_id()
         try:
-            job = await self._engine_job(spec)
-            async for message in self._run(job, clock):
+            async for message in self._generate(request):
                 yield message
-        except (asyncio.CancelledError, GeneratorExit, _Abort):
+        except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # noqa: BLE001  (mapped to a status, never lost)
-            _fail(grpc_context, spec.job_id, getattr(exc, "cause", None) or exc)  # unwrap RayTaskError
+            yield self._end(grpc_context, rid, exc)
 
-    async def UpdatePrompt(self, request: pb.UpdatePromptRequest, grpc_context) -> pb.UpdatePromptResponse:
+    async def _generate(self, request: bytes) -> AsyncIterator[pb.GenerateResponse]:
+        clock = stream.StreamClock()
+        req = parse_request(pb.GenerateRequest, request, self._cfg.limits)
+        job_id = check_job_id(req.job_id) if req.job_id else uuid.uuid4().hex
+        spec = await asyncio.to_thread(validate_request, req, self._model, self._cfg.limits, job_id)
+        yield stream.accepted(spec, self._model)
+        job = await self._engine_job(spec)
+        async for message in self._run(job, clock):
+            yield message
+
+    def _end(self, grpc_context, rid: str, exc: Exception) -> pb.GenerateResponse:
+        """Set the status of a failed stream; returns the event-less message that carries it."""
+        cause = errors.unwrap(exc)
+        if isinstance(cause, EngineBusy):  # RetryInfo travels on that message (cluster.serve.retry)
+            message = self._pacer.refuse(grpc_context, cause)
+            errors.log_failure(rid, "Generate", errors.status_for(cause), None)
+            grpc_context.set_details(errors.with_request_id(grpc_context.details(), rid))
+            return message
+        errors.set_status(grpc_context, rid, "Generate", exc)
+        return pb.GenerateResponse()
+
+    async def drain(self) -> int:
+        """Refuse new Generate calls from now on (UNAVAILABLE); returns the streams still running."""
+        return self._gate.close()
+
+    async def UpdatePrompt(self, request: bytes, grpc_context) -> pb.UpdatePromptResponse:
         """magi.v1 ``UpdatePrompt``: TextEncoder.encode(text) -> DiTEngine.update_prompt.
 
-        Status: INVALID_ARGUMENT naming the field (``job_id``, ``start_chunk``, ``text``),
-        NOT_FOUND (no queued or running job with that id), INTERNAL otherwise. With several
+        Status (:mod:`cluster.serve.errors`): INVALID_ARGUMENT naming the field (``request``,
+        ``job_id``, ``start_chunk``, ``text``), NOT_FOUND (no queued or running job with that
+        id), UNAVAILABLE (a lost replica), INTERNAL otherwise. With several
         DiTEngine replicas the update may reach a replica that does not run the job
         (NOT_FOUND); one replica (the default) always holds every job.
         """
+        rid = errors.request_id()
         try:
-            job_id, start_chunk, text = validate_update(request, self._cfg.limits)
+            req = parse_request(pb.UpdatePromptRequest, request, self._cfg.limits)
+            job_id, start_chunk, text = validate_update(req, self._cfg.limits)
             (caption,) = await self._text.encode.remote([text])
             await self._dit_unary.update_prompt.remote(job_id, start_chunk, caption)
-        except _Abort:
-            raise
         except Exception as exc:  # noqa: BLE001  (mapped to a status)
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, JobNotFound):
-                _abort(grpc_context, grpc.StatusCode.NOT_FOUND, str(cause))
-            _fail(grpc_context, request.job_id, cause)
+            errors.set_status(grpc_context, rid, "UpdatePrompt", exc)
+            return pb.UpdatePromptResponse()
         return pb.UpdatePromptResponse(job_id=job_id, start_chunk=start_chunk)
 
-    async def Cancel(self, request: pb.CancelRequest, grpc_context) -> pb.CancelResponse:
+    async def Cancel(self, request: bytes, grpc_context) -> pb.CancelResponse:
         """magi.v1 ``Cancel``: ``DiTEngine.cancel(job_id)`` (a job not there yet is refused
         when it arrives; see :mod:`cluster.serve.cancels`).
 
-        Status: INVALID_ARGUMENT ("job_id: ..."), INTERNAL otherwise.
+        Status (:mod:`cluster.serve.errors`): INVALID_ARGUMENT (``request``, ``job_id``),
+        UNAVAILABLE (a lost replica), INTERNAL otherwise.
         """
+        rid = errors.request_id()
         try:
-            job_id = check_job_id(request.job_id)
-        except InvalidInput as exc:
-            _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
+            job_id = check_job_id(parse_request(pb.CancelRequest, request, self._cfg.limits).job_id)
             was_active = await self._dit_unary.cancel.remote(job_id)
         except Exception as exc:  # noqa: BLE001  (mapped to a status)
-            cause = getattr(exc, "cause", None) or exc
-            _abort(grpc_context, grpc.StatusCode.INTERNAL,
-                   f"cancel of job {job_id} failed: {type(cause).__name__}: {cause}")
+            errors.set_status(grpc_context, rid, "Cancel", exc)
+            return pb.CancelResponse()
         return pb.CancelResponse(job_id=job_id, was_active=was_active)
 
     async def _engine_job(self, spec: JobSpec) -> EngineJob:
@@ -211,23 +241,3 @@ def _drain(queue: asyncio.Queue) -> list:
     while not queue.empty():
         items.append(queue.get_nowait())
     return items
-
-
-def _fail(grpc_context, job_id: str, cause: BaseException):
-    """Map a failure after Accepted to a status: INVALID_ARGUMENT (a stage rejected a field),
-    RESOURCE_EXHAUSTED (engine full; the details end "retry in about N s"), CANCELLED (the
-    job was cancelled through ``Cancel``), else INTERNAL."""
-    if isinstance(cause, JobCancelled):
-        _abort(grpc_context, grpc.StatusCode.CANCELLED, str(cause))
-    if isinstance(cause, InvalidInput):
-        _abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(cause))
-    if isinstance(cause, EngineFull):  # Serve forwards only code + details on errors
-        _abort(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause))
-    _abort(grpc_context, grpc.StatusCode.INTERNAL, f"job {job_id} failed: {type(cause).__name__}: {cause}")
-
-
-def _abort(grpc_context, code: grpc.StatusCode, details: str):
-    """Set the call's status and end it (raise: a bare return would read as OK)."""
-    grpc_context.set_code(code)
-    grpc_context.set_details(details)
-    raise _Abort(details)

@@ -19,29 +19,18 @@ name                                    kind       meaning
 ``magi_engine_tpoc_seconds``            histogram  TPOC: gap between consecutive chunks of a job
 ======================================  =========  ==================================================
 
-Times are seconds (``time.perf_counter``), measured by the engine (:mod:`cluster.engine.stats`).
+Times are seconds (``time.perf_counter``), measured by the engine (:class:`cluster.engine.stats.JobTimings`).
+Ray's metrics agent serves them in Prometheus text format on each node's metrics export port
+(``ray.nodes()[i]["MetricsExportPort"]``, on the node's address; tests/serve/test_metrics.py
+scrapes it).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 from ray.serve import metrics
 
 from cluster.engine.stats import DEFAULT_BUCKETS_S, EngineStats
 from cluster.messages import LatentChunk
-
-
-@dataclass
-class ExportedValues:
-    """What was last exported (returned by ``DiTEngine.metrics``): gauges by name, the
-    counter's total, and the number / sum of observations of each histogram."""
-
-    gauges: dict[str, float] = field(default_factory=dict)
-    chunks_produced: int = 0
-    histogram_counts: dict[str, int] = field(default_factory=dict)
-    histogram_sums: dict[str, float] = field(default_factory=dict)
-
 
 _GAUGES = {
     "active_jobs": "jobs in the DiT engine's batch",
@@ -58,15 +47,14 @@ _HISTOGRAMS = {
 
 
 class EngineMetrics:
-    """The engine's Ray Serve metrics (one set per replica). Call from the event loop."""
+    """The engine's Ray Serve metrics (one set per replica); :meth:`after_step` is an
+    :data:`cluster.engine.async_engine.StepObserver`. Call from the event loop."""
 
     def __init__(self):
         self._gauges = {k: metrics.Gauge(f"magi_engine_{k}", description=d) for k, d in _GAUGES.items()}
         self._hists = {k: metrics.Histogram(f"magi_engine_{k}", description=d, boundaries=list(DEFAULT_BUCKETS_S))
                        for k, d in _HISTOGRAMS.items()}
         self._chunks = metrics.Counter("magi_engine_chunks_produced", description="clean latent chunks produced")
-        self.values = ExportedValues(histogram_counts={k: 0 for k in _HISTOGRAMS},
-                                     histogram_sums={k: 0.0 for k in _HISTOGRAMS})
 
     def after_step(self, stats: EngineStats, step_s: float | None, events: list) -> None:
         """Export the engine's state after a step.
@@ -84,18 +72,11 @@ class EngineMetrics:
         }
         for name, value in gauges.items():
             self._gauges[name].set(value)
-            self.values.gauges[name] = value
         if step_s is not None:
-            self._observe("step_seconds", step_s)
+            self._hists["step_seconds"].observe(step_s)
         for event in events:
             if isinstance(event, LatentChunk):
                 self._chunks.inc()
-                self.values.chunks_produced += 1
                 for key, name in (("ttfc_s", "ttfc_seconds"), ("tpoc_s", "tpoc_seconds")):
                     if key in event.timings:
-                        self._observe(name, event.timings[key])
-
-    def _observe(self, name: str, value: float) -> None:
-        self._hists[name].observe(value)
-        self.values.histogram_counts[name] += 1
-        self.values.histogram_sums[name] += float(value)
+                        self._hists[name].observe(event.timings[key])

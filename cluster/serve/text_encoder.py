@@ -8,7 +8,8 @@ from ray import serve
 
 from cluster.config import ServiceConfig
 from cluster.messages import CaptionEmbedding
-from cluster.serve.compute import ComputeThread, prepare_replica
+from cluster.engine.compute import ComputeThread
+from cluster.serve.compute import prepare_replica
 
 
 @serve.deployment(name="TextEncoder")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ray import serve
 
 from cluster.config import ServiceConfig
-from cluster.serve.compute import ComputeThread, prepare_replica
+from cluster.engine.compute import ComputeThread
+from cluster.serve.compute import prepare_replica
 
 
 @serve.deployment(name="VaeDecoder")

@@ -1,10 +1,13 @@
-"""Job ids and the DiT engine's memory of cancels for jobs not arrived yet (cluster.serve.cancels)."""
+"""Job ids (cluster.serve.cancels) and the engine's memory of cancels for jobs not arrived yet
+(cluster.engine.early_cancels)."""
 
 import pickle
 
 import pytest
 
-from cluster.serve.cancels import EarlyCancels, JobCancelled, check_job_id
+from cluster.engine import JobCancelled, JobFailed
+from cluster.engine.early_cancels import EarlyCancels
+from cluster.serve.cancels import check_job_id
 from stages.errors import InvalidInput
 
 
@@ -52,3 +55,8 @@ def test_invalid_job_ids_name_the_field(job_id):
 def test_job_cancelled_crosses_processes():
     err = pickle.loads(pickle.dumps(JobCancelled("abc")))
     assert isinstance(err, JobCancelled) and err.job_id == "abc" and str(err) == "job abc was cancelled"
+
+
+def test_job_failed_crosses_processes():
+    err = pickle.loads(pickle.dumps(JobFailed("abc", "RuntimeError: boom")))
+    assert isinstance(err, JobFailed) and err.job_id == "abc" and str(err) == "engine failed job abc: RuntimeError: boom"

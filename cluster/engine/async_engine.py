@@ -1,0 +1,324 @@
+"""An asyncio front of the DiT engine, without Ray (the role of vLLM's AsyncLLM over its EngineCore).
+
+:class:`AsyncEngine` wraps the synchronous :class:`cluster.engine.Engine` (not thread-safe):
+every engine call runs in ONE compute thread (:class:`cluster.engine.compute.ComputeThread`,
+FIFO), so the event loop stays free to stream and to notice cancellation. A step loop task runs
+``Engine.step()`` while there is work and routes each job's events to the job's queue::
+
+    engine = AsyncEngine(Engine(...))
+    await engine.submit(job)                      # InvalidInput / EngineBusy / JobCancelled
+    async for event in engine.events(job_id):     # QueuePosition ... Progress / LatentChunk ...
+        ...                                       # ends on done; JobCancelled / JobFailed
+    await engine.cancel(job_id) -> bool           # was it queued or running here
+    await engine.update_prompt(job_id, start_chunk, caption)
+    engine.stats(job_id) -> JobStat | None        # also recently finished jobs
+
+Lifecycle, decided in one place and in order: a job's state moves queued -> active -> done /
+cancelled / failed and never back, and only the engine's own events (``JobAdmitted``,
+``JobFinished``, in the order ``Engine.step`` returns them) move it; ``cancel`` only asks the
+engine (``Engine.cancel`` in the same FIFO thread, after any submit in flight), so a cancel the
+engine accepted (``True``) always ends the stream with :class:`JobCancelled`, and a job the
+engine finished first ends normally. A bug in the step loop fails every waiting stream
+(:class:`JobFailed`) instead of leaving it hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from cluster.engine.compute import ComputeThread
+from cluster.engine.early_cancels import EarlyCancels
+from cluster.engine.errors import JobCancelled, JobFailed, JobNotFound
+from cluster.engine.events import JobAdmitted, JobFinished, JobHandle
+from cluster.engine.loop import Engine
+from cluster.engine.stats import EngineStats, JobStat
+from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress, QueuePosition
+from stages.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+HISTORY = 256  # finished jobs whose stats stay queryable
+STEP_HISTORY = 64  # step intervals kept per job
+
+#: ``on_step(stats, step_s, events)``: called on the event loop after every engine step with
+#: ``Engine.stats()``, the step's wall time in seconds (None if no forward ran) and its events.
+StepObserver = Callable[[EngineStats, "float | None", list], None]
+
+
+@dataclass
+class _StepResult:
+    """What one engine step gave (built in the compute thread)."""
+
+    events: list
+    ran: tuple[str, ...]  # jobs in the step's forward
+    interval: tuple[float, float]  # time.time() start, end
+    stats: EngineStats
+    timings: dict[str, tuple[float | None, float | None]]  # job -> (ttfc_s, tpoc_s) of jobs that ran
+    has_work: bool
+
+
+class _Job:
+    """The async engine's record of one job: its event queue and what :meth:`stat` reports.
+    Only the event loop touches it; ``state`` changes only through :meth:`admitted` / :meth:`end`."""
+
+    def __init__(self, job_id: str):
+        self.job_id, self.state, self.error = job_id, "queued", None
+        self.queue: asyncio.Queue = asyncio.Queue()  # events, then None once ended
+        self.position: int | None = None  # last queue position sent
+        self.steps = self.chunks = self.kv_bytes = 0
+        self.timings: tuple[float | None, float | None] = (None, None)
+        self.total_forwards: int | None = None
+        self.finished_at: float | None = None
+        self.intervals: collections.deque = collections.deque(maxlen=STEP_HISTORY)
+
+    @property
+    def ended(self) -> bool:
+        return self.finished_at is not None
+
+    def admitted(self) -> None:
+        if self.state == "queued":
+            self.state, self.position = "active", None
+
+    def end(self, state: str, error: str | None = None) -> None:
+        """The first end wins; the stream ends after the events already queued."""
+        if not self.ended:
+            self.state, self.error, self.finished_at, self.kv_bytes = state, error, time.time(), 0
+            self.queue.put_nowait(None)
+
+    def stat(self) -> JobStat:
+        return JobStat(self.job_id, self.state, self.position if self.state == "queued" else None, self.steps,
+                       self.chunks, *self.timings, self.kv_bytes, self.total_forwards, self.finished_at,
+                       tuple(self.intervals))
+
+
+class AsyncEngine:
+    """Asyncio API over one :class:`Engine` (see the module docstring). Create and use it on one
+    event loop; the engine must not be called by anyone else meanwhile.
+
+    Args:
+        engine: the engine to drive (its calls all run in this object's compute thread).
+        on_step: optional :data:`StepObserver` (e.g. the replica's Prometheus metrics).
+        history: finished jobs whose :meth:`stats` stay queryable (oldest forgotten first).
+        early_cancels: memory of cancels that came before their job (default: 10 min, 4096 ids).
+    """
+
+    def __init__(self, engine: Engine, on_step: StepObserver | None = None, history: int = HISTORY,
+                 early_cancels: EarlyCancels | None = None):
+        self.engine = engine
+        self._on_step = on_step
+        self._history = history
+        self._early_cancels = early_cancels or EarlyCancels()
+        self._compute = ComputeThread("dit-step")
+        self._jobs: collections.OrderedDict[str, _Job] = collections.OrderedDict()
+        self._handles: dict[str, JobHandle] = {}  # compute thread only
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # ----- public API ------------------------------------------------------------
+    async def submit(self, job: EngineJob) -> None:
+        """Queue ``job`` in the engine; read its events with :meth:`events`.
+
+        Raises:
+            stages.errors.InvalidInput: a field the engine cannot use (named), or a ``job_id``
+                already queued or running here.
+            cluster.engine.EngineBusy: the admission queue is full (``retry_after_s``).
+            cluster.engine.JobCancelled: :meth:`cancel` named this job before it came.
+            asyncio.CancelledError: the caller went away; the job (if the engine took it) is
+                cancelled before its next step.
+        """
+        job_id = job.spec.job_id
+        known = self._jobs.get(job_id)
+        if known is not None and not known.ended:
+            raise InvalidInput("job_id", f"job {job_id!r} is already queued or running")
+        rec = self._remember(_Job(job_id))
+        if self._early_cancels.consume(job_id):  # cancel(job_id) came first: never start it
+            rec.end("cancelled")
+            raise JobCancelled(job_id)
+        submitted = self._compute.submit(self._submit, job)
+        try:
+            rec.total_forwards, position = await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(lambda f: self._abandon(rec, f))
+            raise
+        except BaseException:
+            self._forget(rec)  # refused: no stats
+            raise
+        if position is not None and rec.state == "queued":
+            self._send_position(rec, position)
+        self._kick()
+
+    async def events(self, job_id: str) -> AsyncIterator[QueuePosition | Progress | LatentChunk]:
+        """The events of a submitted job, in the engine's order: :class:`QueuePosition` while it
+        waits (when queued and whenever its position changes), then ``Progress`` per denoising
+        step and ``LatentChunk`` (float32 (C, T, H, W) scaled latent) per clean chunk. Ends
+        normally when the job is done. Read it once; leaving it early cancels the job.
+
+        Raises:
+            JobNotFound: no such job here. JobCancelled: :meth:`cancel` stopped the job.
+            JobFailed: the engine failed the job (its message says why).
+        """
+        rec = self._jobs.get(job_id)
+        if rec is None:
+            raise JobNotFound(job_id)
+        finished = False
+        try:
+            while (event := await rec.queue.get()) is not None:
+                yield event
+            finished = True
+        finally:
+            if not finished and not rec.ended:  # the consumer went away: stop the engine's work
+                self._cancel_soon(job_id)
+        if rec.state == "cancelled":
+            raise JobCancelled(job_id)
+        if rec.state == "failed":
+            raise JobFailed(job_id, rec.error)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel ``job_id`` (idempotent): it leaves the engine before its next step, its KV region
+        returns to the pool and its stream ends with :class:`JobCancelled`. A job id not seen
+        here is remembered (see :class:`EarlyCancels`) and refused when it comes; a finished job
+        is left alone. Returns whether the engine held the job (then its stream ends cancelled)."""
+        rec = self._jobs.get(job_id)
+        if rec is None:
+            self._early_cancels.add(job_id)
+            return False
+        if rec.ended:
+            return False
+        held = await self._compute.call(self.engine.cancel, job_id)
+        self._kick()  # the engine's JobFinished("cancelled") comes out of its next step
+        return held
+
+    async def update_prompt(self, job_id: str, start_chunk: int, caption: CaptionEmbedding) -> None:
+        """:meth:`cluster.engine.Engine.update_prompt` in the compute thread (same errors:
+        JobNotFound, InvalidInput "start_chunk" / "caption")."""
+        await self._compute.call(self.engine.update_prompt, job_id, start_chunk, caption)
+
+    async def engine_stats(self) -> EngineStats:
+        """``Engine.stats()`` taken in the compute thread."""
+        return await self._compute.call(self.engine.stats)
+
+    def stats(self, job_id: str) -> JobStat | None:
+        """A queued, running or recently finished job's record, or None."""
+        rec = self._jobs.get(job_id)
+        return None if rec is None else rec.stat()
+
+    def active_jobs(self) -> list[str]:
+        """Ids of the jobs queued or running here."""
+        return [job_id for job_id, rec in self._jobs.items() if not rec.ended]
+
+    async def close(self) -> None:
+        """Stop the step loop and the compute thread (the engine is left as it is)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._compute.close()
+
+    # ----- compute thread --------------------------------------------------------
+    def _submit(self, job: EngineJob) -> tuple[int | None, int | None]:
+        handle = self.engine.submit(job)
+        self._handles[job.spec.job_id] = handle
+        return handle.total_forwards, handle.queue_position
+
+    def _step(self) -> _StepResult:
+        before, start = self.engine.last_step, time.time()
+        events = self.engine.step()
+        end, after = time.time(), self.engine.last_step
+        ran = after.job_ids if after is not None and after is not before else ()
+        timings = {j: (h.ttfc_s, h.tpoc_s) for j in ran if (h := self._handles.get(j)) is not None}
+        for event in events:
+            if isinstance(event, JobFinished):
+                self._handles.pop(event.job_id, None)
+        return _StepResult(events, ran, (start, end), self.engine.stats(), timings, self.engine.has_work)
+
+    # ----- event loop ------------------------------------------------------------
+    def _kick(self) -> None:
+        """Make the step loop run (start it on first use)."""
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.create_task(self._step_loop())
+        self._wake.set()
+
+    async def _step_loop(self) -> None:
+        """Step while the engine has work; sleep until kicked. An engine bug fails the waiting jobs."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                has_work = True
+                while has_work:
+                    result = await self._compute.call(self._step)
+                    self._apply(result)
+                    has_work = result.has_work
+            except Exception as exc:  # noqa: BLE001 - a bug: fail every waiting stream, do not hang
+                log.exception("DiT engine step loop failed; failing every queued and running job")
+                self._fail_all(f"engine step failed ({type(exc).__name__})")
+
+    def _apply(self, result: _StepResult) -> None:
+        start, end = result.interval
+        for job_id in result.ran:
+            rec = self._jobs.get(job_id)
+            if rec is not None and not rec.ended:
+                rec.steps += 1
+                rec.intervals.append((start, end))
+                rec.timings = result.timings.get(job_id, rec.timings)
+        for event in result.events:
+            self._route(event)
+        for job in result.stats.jobs:
+            rec = self._jobs.get(job.job_id)
+            if rec is not None and not rec.ended:
+                rec.kv_bytes = job.kv_bytes
+                if rec.state == "queued" and job.queue_position is not None:
+                    self._send_position(rec, job.queue_position)
+        if self._on_step is not None:
+            self._on_step(result.stats, result.stats.last_step_s if result.ran else None, result.events)
+
+    def _route(self, event) -> None:
+        rec = self._jobs.get(event.job_id)
+        if rec is None or rec.ended:
+            return
+        if isinstance(event, JobAdmitted):
+            rec.admitted()
+        elif isinstance(event, JobFinished):
+            rec.end(event.state, event.error)
+        elif isinstance(event, (Progress, LatentChunk)):
+            rec.chunks += isinstance(event, LatentChunk)
+            rec.queue.put_nowait(event)
+
+    def _send_position(self, rec: _Job, position: int) -> None:
+        if rec.position != position:
+            rec.position = position
+            rec.queue.put_nowait(QueuePosition(rec.job_id, position))
+
+    def _cancel_soon(self, job_id: str) -> None:
+        """Cancel in the engine without waiting (after every call already submitted)."""
+        self._compute.submit(self.engine.cancel, job_id).add_done_callback(lambda f: f.exception())
+        self._kick()
+
+    def _abandon(self, rec: _Job, submitted: asyncio.Future) -> None:
+        """The submitter went away during its submit: cancel the job if the engine took it."""
+        if submitted.cancelled() or submitted.exception() is not None:
+            self._forget(rec)
+        else:
+            self._cancel_soon(rec.job_id)
+
+    def _fail_all(self, reason: str) -> None:
+        for rec in list(self._jobs.values()):
+            if not rec.ended:
+                rec.end("failed", reason)
+                self._compute.submit(self.engine.cancel, rec.job_id).add_done_callback(lambda f: f.exception())
+
+    def _remember(self, rec: _Job) -> _Job:
+        finished = [job_id for job_id, r in self._jobs.items() if r.ended]
+        for old in finished[: max(0, len(self._jobs) + 1 - self._history)]:
+            del self._jobs[old]
+        self._jobs.pop(rec.job_id, None)
+        self._jobs[rec.job_id] = rec
+        return rec
+
+    def _forget(self, rec: _Job) -> None:
+        if self._jobs.get(rec.job_id) is rec:
+            del self._jobs[rec.job_id]
