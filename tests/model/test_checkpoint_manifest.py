@@ -15,7 +15,6 @@ from stages.dit.checkpoint import INDEX_NAME
 from stages.dit.manifest import expected_manifest, main_manifest, main_verify, verify_checkpoint, verify_model_checkpoint
 from stages.dit.token_table import table_path
 from stages.dit.weights import CheckpointMismatch, load_dit, write_tiny_checkpoint
-from tests.model.dit_fixtures import GOLDEN_DIR, needs_golden
 
 REFERENCE_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "reference_configs"
 CASES = [
@@ -28,10 +27,9 @@ CASES = [
 ]
 
 
-@needs_golden
 @pytest.mark.parametrize("manifest,config,preset", CASES)
-def test_expected_manifest_equals_reference_key_for_key(manifest, config, preset):
-    entry = json.loads((GOLDEN_DIR / manifest).read_text())["configs"][config]
+def test_expected_manifest_equals_reference_key_for_key(manifest, config, preset, golden_dir):
+    entry = json.loads((golden_dir / manifest).read_text())["configs"][config]
     cfg = load_preset(preset)
     assert cfg.dit.fp8_quant == entry["fp8_quant"] and cfg.sampling.distill == entry["distill"]
     got = expected_manifest(cfg.dit)

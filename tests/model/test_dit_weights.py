@@ -11,13 +11,12 @@ from safetensors.torch import load_file, save_file
 from stages.config import magi_tiny
 from stages.dit.model import MagiDiT
 from stages.dit.weights import CheckpointMismatch, INDEX_NAME, load_dit, write_tiny_checkpoint
-from tests.model.dit_fixtures import GOLDEN_DIR, dit_config_from_reference, needs_golden
+from tests.model.dit_fixtures import dit_config_from_reference
 
 
-@needs_golden
 @pytest.mark.parametrize("manifest,config", [("dit_manifest_4.5B.json", "4.5B_base"), ("dit_manifest_24B.json", "24B_base")])
-def test_meta_model_matches_reference_manifest(manifest, config):
-    entry = json.loads((GOLDEN_DIR / manifest).read_text())["configs"][config]
+def test_meta_model_matches_reference_manifest(manifest, config, golden_dir):
+    entry = json.loads((golden_dir / manifest).read_text())["configs"][config]
     cfg = dit_config_from_reference(entry["model_config"])
     with torch.device("meta"):
         model = MagiDiT(cfg)

@@ -2,14 +2,13 @@
 
 Expected cleaned captions were produced by running the reference cleaning (MAGI-1
 commit 6ff822e, ``inference/model/t5/t5_model.py``) on the same strings.
-The fuzz corpus is ``shared/inputs/bad`` (see its README); those tests are skipped
-when the folder is absent.
+The fuzz corpus is ``<inputs>/bad`` (see its README; the ``inputs_dir`` fixture: skipped when
+absent, failed under MAGI_REQUIRE_GOLDEN=1).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 from pathlib import Path
 
@@ -22,9 +21,6 @@ from stages.text_encoder import (
     MAX_PROMPT_CHARS, T5TextEncoder, clean_caption, preprocess_caption, validate_prompt, write_tiny_checkpoint,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-BAD = Path(os.environ.get("MAGI_INPUTS_DIR", REPO.parent / "shared" / "inputs")) / "bad"
-needs_bad = pytest.mark.skipif(not (BAD / "README.md").exists(), reason=f"fuzz inputs not found at {BAD}")
 CFG = magi_tiny().text_encoder
 # pytest resets the warning filters that stages.text_encoder.cleaning installs at import
 pytestmark = pytest.mark.filterwarnings("ignore::bs4.XMLParsedAsHTMLWarning",
@@ -91,6 +87,12 @@ def encoder(tmp_path_factory) -> T5TextEncoder:
     return T5TextEncoder(out, CFG)
 
 
+@pytest.fixture(scope="module")
+def bad(inputs_dir) -> Path:
+    """The fuzz corpus folder."""
+    return inputs_dir / "bad"
+
+
 def _encodes_or_invalid(encoder: T5TextEncoder, prompt) -> str:
     try:
         [(emb, mask)] = encoder.encode([prompt])
@@ -102,9 +104,8 @@ def _encodes_or_invalid(encoder: T5TextEncoder, prompt) -> str:
     return "encoded"
 
 
-@needs_bad
-def test_every_nasty_prompt_encodes_or_is_invalid(encoder):
-    entries = json.loads((BAD / "nasty_prompts.json").read_text(encoding="utf-8"))
+def test_every_nasty_prompt_encodes_or_is_invalid(encoder, bad):
+    entries = json.loads((bad / "nasty_prompts.json").read_text(encoding="utf-8"))
     results = {e["id"]: _encodes_or_invalid(encoder, e["prompt"]) for e in entries}
     must_reject = ["empty", "single_space", "ascii_whitespace", "unicode_whitespace", "newlines_1000",
                    "nul_only", "nul_embedded", "nul_many", "long_100k_single_char", "long_100k_realistic",
@@ -115,19 +116,17 @@ def test_every_nasty_prompt_encodes_or_is_invalid(encoder):
     assert {i: results[i] for i in must_encode} == dict.fromkeys(must_encode, "encoded")
 
 
-@needs_bad
-def test_every_blns_string_encodes_or_is_invalid(encoder):
-    strings = json.loads((BAD / "blns" / "blns.json").read_text(encoding="utf-8"))
+def test_every_blns_string_encodes_or_is_invalid(encoder, bad):
+    strings = json.loads((bad / "blns" / "blns.json").read_text(encoding="utf-8"))
     results = [_encodes_or_invalid(encoder, s) for s in strings]
     assert results.count("encoded") > len(strings) // 2
 
 
-@needs_bad
 @pytest.mark.parametrize("name", ["prompt_invalid_utf8.bin", "prompt_latin1.bin", "prompt_overlong_utf8.bin",
                                   "prompt_cesu8_surrogates.bin", "prompt_nul_bytes.bin", "prompt_utf8_bom.txt",
                                   "prompt_utf16le_bom.txt"])
-def test_raw_byte_prompts_encode_or_are_invalid(encoder, name):
-    data = (BAD / name).read_bytes()
+def test_raw_byte_prompts_encode_or_are_invalid(encoder, bad, name):
+    data = (bad / name).read_bytes()
     # how a lenient server would turn bytes into str: invalid bytes become lone surrogates
     text = data.decode("utf-8", errors="surrogateescape")
     outcome = _encodes_or_invalid(encoder, text)
@@ -137,8 +136,7 @@ def test_raw_byte_prompts_encode_or_are_invalid(encoder, name):
         assert outcome == "encoded"
 
 
-@needs_bad
-def test_json_lone_surrogate_prompt_is_invalid(encoder):
-    prompt = json.loads((BAD / "prompt_lone_surrogate.json").read_text(encoding="utf-8"))["prompt"]
+def test_json_lone_surrogate_prompt_is_invalid(encoder, bad):
+    prompt = json.loads((bad / "prompt_lone_surrogate.json").read_text(encoding="utf-8"))["prompt"]
     with pytest.raises(InvalidInput, match="surrogate"):
         encoder.encode([prompt])

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
@@ -13,38 +12,38 @@ from safetensors.torch import load_file
 from stages.config import SpecialTokensConfig
 from stages.text_encoder.special_tokens import SpecialTokenTable, special_token_keys
 
-REPO = Path(__file__).resolve().parents[2]
-GOLDEN = Path(os.environ.get("MAGI_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
-needs_golden = pytest.mark.skipif(not (GOLDEN / "golden_dit_special.safetensors").exists(),
-                                  reason=f"golden data not found at {GOLDEN}")
-CASE = "e2e_t2v_base_cfg3_special_tokens/"
+from tests.shared_data import golden_params
+
+CASES = golden_params("golden_dit_special.json", where=lambda c: c["kind"] == "e2e_walk")
 
 
-@needs_golden
-def test_matches_reference_y_for_every_chunk():
-    golden = load_file(str(GOLDEN / "golden_dit_special.safetensors"))
-    table = SpecialTokenTable.load(GOLDEN / "tiny_special_tokens.npz")
-    caption = golden[CASE + "caption_embs"][0, 0]  # (14, 64)
-    mask = golden[CASE + "emb_masks"][0]  # (14,)
-    y, y_masks = golden[CASE + "y"], golden[CASE + "y_masks"]  # (2, 4, 16, 64), (2, 4, 16)
-    flags = SpecialTokensConfig(hq=True, duration=True)
-    # the golden caption is 14 tokens in a 16-token model: pad to L = 16 first, as the encoder would
-    length = y.shape[2]
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference_y_for_every_chunk(case, golden_dir):
+    meta = json.loads((golden_dir / "golden_dit_special.json").read_text())["cases"][case]
+    golden = load_file(str(golden_dir / "golden_dit_special.safetensors"))
+    env = meta["special_token_env"]
+    table = SpecialTokenTable.load(golden_dir / env["SPECIAL_TOKEN_PATH"])
+    caption = golden[f"{case}/caption_embs"][0, 0]  # (L_in, C)
+    mask = golden[f"{case}/emb_masks"][0]  # (L_in,)
+    y, y_masks = golden[f"{case}/y"], golden[f"{case}/y_masks"]  # (2, chunks, L, C), (2, chunks, L)
+    flags = SpecialTokensConfig(**{k[4:].lower(): True for k, v in env.items() if k.startswith("PAD_") and v})
+    # the golden caption is shorter than the model's: pad to L first, as the encoder would
+    length, n = y.shape[2], len(meta["yielded_chunk_indices"])
     padded = torch.cat([caption, torch.zeros(length - caption.shape[0], caption.shape[1])])
     padded_mask = torch.cat([mask, torch.zeros(length - mask.shape[0], dtype=mask.dtype)])
-    for c in range(4):
-        keys = special_token_keys(flags, c, num_chunks=4)
-        assert keys == ["HQ_TOKEN", f"DURATION_TOKEN_{4 - c}"]
+    for c in range(n):
+        keys = special_token_keys(flags, c, num_chunks=n)
+        if flags.duration:
+            assert keys[-1] == f"DURATION_TOKEN_{min(n - c, 8)}"
         emb, m = table.prepend(padded, padded_mask, keys)
-        assert emb.shape == (length, 64) and m.dtype == torch.int64
+        assert emb.shape == (length, caption.shape[1]) and m.dtype == torch.int64
         assert torch.equal(emb, y[0, c])
         assert torch.equal(m.float(), y_masks[0, c])
 
 
-@needs_golden
-def test_table_rows_are_float16_rounded():
-    table = SpecialTokenTable.load(GOLDEN / "special_tokens.npz")
-    raw = np.load(GOLDEN / "special_tokens.npz")["other_tokens"][1]
+def test_table_rows_are_float16_rounded(golden_dir):
+    table = SpecialTokenTable.load(golden_dir / "special_tokens.npz")
+    raw = np.load(golden_dir / "special_tokens.npz")["other_tokens"][1]
     assert table.dim == 4096
     assert torch.equal(table.tokens["HQ_TOKEN"], torch.from_numpy(raw.astype(np.float16).astype(np.float32)))
 

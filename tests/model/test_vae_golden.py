@@ -1,4 +1,5 @@
-"""MagiVAE against every case of the reference golden data (shared/golden/golden_vae.*)."""
+"""MagiVAE against every case of the reference golden data (golden_vae.*): every tiled case runs with
+the case's kwargs; a case no test knows fails ``test_every_golden_case_is_covered``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ from stages.vae.codec import VaeCodec
 from stages.vae.tiling import to_uint8
 from stages.vae.weights import load_vae
 from tests.model.vae_fixtures import (
-    assert_close_float, assert_close_uint8, golden_kwargs, golden_path, golden_tensors, golden_vae_config, golden_video,
+    assert_close_float, assert_close_uint8, golden_cases, golden_kwargs, golden_path, golden_tensors, golden_vae_config,
+    golden_video,
 )
+
+COVERED = {"encode_tiled", "encode_image", "decode_tiled", "decode_tiled_len4_quirk"}  # the tests below
+
+
+def test_every_golden_case_is_covered():
+    assert set(golden_cases()) <= COVERED, f"golden_vae.json cases without a test: {set(golden_cases()) - COVERED}"
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +81,8 @@ def test_decode_tiled(vae, latent_in):
 
 @torch.no_grad()
 def test_decode_tiled_len4_quirk(vae, latent_in):
-    video = vae.tiled_decode_3d(latent_in[:, :, :2] / vae.cfg.scale_factor, **golden_kwargs("decode_tiled_len4_quirk"))
+    n = golden_tensors()["decode_tiled_len4_quirk/frames"].shape[0]  # one pixel frame per 1-latent-frame tile
+    video = vae.tiled_decode_3d(latent_in[:, :, :n] / vae.cfg.scale_factor, **golden_kwargs("decode_tiled_len4_quirk"))
     assert_close_float(to_frames(video), "decode_tiled_len4_quirk/frames")
 
 
@@ -83,8 +92,10 @@ def test_to_uint8_truncates():
 
 
 def test_codec_matches_pipeline_decode_and_encode(vae, latent_in):
-    """VaeCodec with the golden's 32 px tiles and fps 24 = the reference pipeline calls."""
-    codec = VaeCodec(vae, vae.cfg, fps=24, tile_size=32)
+    """VaeCodec with the golden's tiles and fps (tile_sample_min_length = fps // 2) = the reference pipeline calls."""
+    kw = golden_kwargs("decode_tiled")
+    assert kw["tile_sample_min_height"] == kw["tile_sample_min_width"] == golden_kwargs("encode_tiled")["tile_sample_min_height"]
+    codec = VaeCodec(vae, vae.cfg, fps=2 * kw["tile_sample_min_length"], tile_size=kw["tile_sample_min_height"])
     frames = codec.decode(latent_in[0])
     expected = golden_tensors()["decode_tiled/frames_u8"].permute(0, 2, 3, 1)
     assert_close_uint8(torch.from_numpy(frames), expected, "codec.decode")

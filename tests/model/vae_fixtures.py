@@ -1,9 +1,9 @@
-"""Golden-data helpers for the VAE tests (reference outputs in ``shared/golden``, see its README)."""
+"""Golden-data helpers for the VAE tests (reference outputs in ``../shared/golden``, see its README;
+found through tests/shared_data.py). Not a test module."""
 
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,17 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from stages.config import VaeConfig
+from tests import shared_data
 
-GOLDEN_DIR = Path(os.environ.get("MAGI_GOLDEN_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "golden"))
 FLOAT_ATOL = 1e-5
 FLOAT_RTOL = 1e-4
 
 
 def golden_path(name: str) -> Path:
-    path = GOLDEN_DIR / name
-    if not path.exists():
-        pytest.skip(f"golden file {path} not present (set MAGI_GOLDEN_DIR)")
-    return path
+    """``<golden>/name``; skips (fails under MAGI_REQUIRE_GOLDEN=1) when absent."""
+    return shared_data.golden_file(name)
 
 
 @lru_cache(maxsize=None)
