@@ -111,9 +111,8 @@ class GrpcIngress:
         """Set the status of a failed stream; returns the event-less message that carries it."""
         cause = errors.unwrap(exc)
         if isinstance(cause, EngineBusy):  # RetryInfo travels on that message (cluster.serve.retry)
-            message = self._pacer.refuse(grpc_context, cause)
+            message = self._pacer.refuse(grpc_context, cause, lambda words: errors.with_request_id(words, rid))
             errors.log_failure(rid, "Generate", errors.status_for(cause), None)
-            grpc_context.set_details(errors.with_request_id(grpc_context.details(), rid))
             return message
         errors.set_status(grpc_context, rid, "Generate", exc)
         return pb.GenerateResponse()
