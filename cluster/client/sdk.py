@@ -13,6 +13,12 @@ Example::
 Errors arrive as ``grpc.RpcError`` (``.code()``, ``.details()``; details name the
 bad field for INVALID_ARGUMENT).
 
+Retries: a full service refuses a job with RESOURCE_EXHAUSTED, a delay in words and
+``google.rpc.RetryInfo`` in the status details (see :mod:`cluster.serve.retry`). A client
+made with ``retry=RetryPolicy()`` waits that delay and submits the job again (same
+job_id: a refused job never started), up to ``max_attempts`` calls; the stream's
+messages then continue as if the job had been accepted at once (one JobAccepted).
+
 Cancellation: every job gets a client-chosen random id (``GenerateRequest.job_id``), and
 a stream left before its end (``cancel()``, ``close()``, leaving a ``with`` block, a
 deadline, a broken connection) also sends ``Cancel(job_id)``: cancelling the gRPC call
@@ -25,11 +31,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from magi.v1 import generate_pb2 as pb
 from magi.v1 import generate_pb2_grpc as pb_grpc
@@ -45,6 +54,33 @@ CLIENT_SIDE_ENDS = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLIN
                               grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Resubmit a job refused with RESOURCE_EXHAUSTED + ``google.rpc.RetryInfo`` after the delay.
+
+    Attributes:
+        max_attempts: Generate calls per job at most (the first one included).
+        max_delay_s: longest wait honoured (seconds); a longer RetryInfo is cut to it.
+    """
+
+    max_attempts: int = 10
+    max_delay_s: float = 300.0
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """Seconds of the ``google.rpc.RetryInfo`` in a failed call's status details, else None."""
+    try:
+        status = rpc_status.from_call(error)
+    except (AttributeError, ValueError):  # not a call, or details that contradict the code
+        return None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
 
 
 def make_request(
@@ -107,16 +143,23 @@ class GenerateStream:
     Merely dropping the stream (or breaking out of a loop outside a ``with`` block) only
     cancels the gRPC call, which Serve's gRPC proxy may not pass on.
 
+    With a :class:`RetryPolicy` a refused job is resubmitted after the service's RetryInfo
+    delay; the stream goes on with the new call's messages (its JobAccepted is not repeated).
+
     Attributes:
         job_id: the job's id (chosen by the client, known before JobAccepted).
+        attempts: Generate calls made for the job so far (1 without retries).
         accepted: the JobAccepted message once received (job_id, sizes, fps), else None.
         done: the Done message once received (TTFC, TPOC), else None.
         first_chunk_at: client clock (``time.perf_counter``) when the first chunk arrived.
     """
 
-    def __init__(self, call, job_id: str, cancel_job, started_at: float):
+    def __init__(self, call, job_id: str, cancel_job, started_at: float,
+                 resubmit: Callable[[], object] | None = None, retry: RetryPolicy | None = None):
         self._call = call
         self._cancel_job = cancel_job  # MagiClient.cancel
+        self._resubmit, self._retry = resubmit, retry  # a new call of the same request
+        self.attempts = 1
         self._over = False  # ended by the service (Done or its error status), or cancelled
         self.job_id = job_id
         self.started_at = started_at
@@ -125,22 +168,47 @@ class GenerateStream:
         self.first_chunk_at: float | None = None
 
     def __iter__(self) -> Iterator[pb.GenerateResponse]:
-        try:
-            for msg in self._call:
-                kind = msg.WhichOneof("event")
-                if kind == "accepted":
-                    self.accepted = msg.accepted
-                elif kind == "chunk" and self.first_chunk_at is None:
-                    self.first_chunk_at = time.perf_counter()
-                elif kind == "done":
-                    self.done, self._over = msg.done, True
-                yield msg
-        except grpc.RpcError as exc:
-            if exc.code() in CLIENT_SIDE_ENDS:  # the job may still run on the service
-                self.close()  # a no-op after cancel()
-            self._over = True
-            raise
-        self._over = True
+        while True:
+            try:
+                yield from self._messages()
+                self._over = True
+                return
+            except grpc.RpcError as exc:
+                delay = self._retry_after(exc)
+                if delay is None:
+                    if exc.code() in CLIENT_SIDE_ENDS:  # the job may still run on the service
+                        self.close()  # a no-op after cancel()
+                    self._over = True
+                    raise
+            _log.info("job %s refused (service full); attempt %d in %.1f s", self.job_id, self.attempts + 1, delay)
+            time.sleep(delay)
+            if self._over:  # cancelled while waiting
+                return
+            self._call, self.attempts = self._resubmit(), self.attempts + 1
+
+    def _messages(self) -> Iterator[pb.GenerateResponse]:
+        for msg in self._call:
+            kind = msg.WhichOneof("event")
+            if kind is None:  # carries only a refusal's trailer (cluster.serve.retry)
+                continue
+            if kind == "accepted":
+                if self.accepted is not None:  # a resubmitted job is accepted again
+                    continue
+                self.accepted = msg.accepted
+            elif kind == "chunk" and self.first_chunk_at is None:
+                self.first_chunk_at = time.perf_counter()
+            elif kind == "done":
+                self.done, self._over = msg.done, True
+            yield msg
+
+    def _retry_after(self, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before resubmitting, or None: no retry (no policy, other code, no
+        RetryInfo, attempts used up, cancelled)."""
+        if (self._retry is None or self._over or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+                or self.attempts >= self._retry.max_attempts):
+            return None
+        delay = retry_delay(exc)
+        return None if delay is None else min(delay, self._retry.max_delay_s)
 
     def cancel(self, timeout: float = 10.0) -> bool:
         """Stop the job: cancel the call, then ``Cancel(job_id)`` on the service.
@@ -176,8 +244,10 @@ class GenerateStream:
 class MagiClient:
     """gRPC client of a magi-serve endpoint (``host:port``, plaintext)."""
 
-    def __init__(self, address: str, *, max_receive_bytes: int = MAX_RECEIVE_BYTES):
+    def __init__(self, address: str, *, max_receive_bytes: int = MAX_RECEIVE_BYTES,
+                 retry: RetryPolicy | None = None):
         self.address = address
+        self.retry = retry  # None: a refused job raises RESOURCE_EXHAUSTED at once
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_receive_message_length", max_receive_bytes)]
         )
@@ -189,13 +259,17 @@ class MagiClient:
         """Start a job; iterate the returned stream for its events (see the .proto).
 
         A request without ``job_id`` is sent (as a copy) with a random one (UUID4 hex), so
-        the job can be cancelled by id at any time, even before JobAccepted.
+        the job can be cancelled by id at any time, even before JobAccepted. With the
+        client's :class:`RetryPolicy` a refused job is resubmitted (``timeout`` applies per call).
         """
         sent = pb.GenerateRequest()
         sent.CopyFrom(request)
         sent.job_id = sent.job_id or uuid.uuid4().hex
-        call = self._stub.Generate(sent, timeout=timeout, metadata=tuple(metadata) or None)
-        return GenerateStream(call, sent.job_id, self.cancel, time.perf_counter())
+
+        def submit():
+            return self._stub.Generate(sent, timeout=timeout, metadata=tuple(metadata) or None)
+
+        return GenerateStream(submit(), sent.job_id, self.cancel, time.perf_counter(), submit, self.retry)
 
     def cancel(self, job_id: str, *, timeout: float | None = 10.0) -> bool:
         """``Cancel``: stop a job by id (idempotent). A job not on the service yet is refused when

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,15 @@ import torch
 from stages.errors import InvalidInput
 from stages.sampling import init_intervals, init_t
 
-GOLDEN = Path(os.environ.get("MAGI_GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
-SCHEDULES = json.loads((GOLDEN / "schedules.json").read_text())
+from tests.shared_data import golden_params
+
+INIT_T = golden_params("schedules.json", "init_t")
+INIT_INTERVALS = golden_params("schedules.json", "init_intervel")
+
+
+@pytest.fixture(scope="module")
+def schedules(golden_dir) -> dict:
+    return json.loads((golden_dir / "schedules.json").read_text())
 
 
 def _key_args(key: str) -> tuple[int, str]:
@@ -26,21 +31,21 @@ def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-@pytest.mark.parametrize("key", sorted(SCHEDULES["init_t"]))
-def test_init_t_matches_reference_bit_for_bit(key):
+@pytest.mark.parametrize("key", INIT_T)
+def test_init_t_matches_reference_bit_for_bit(key, schedules):
     num_steps, mode = _key_args(key)
     t = init_t(num_steps, mode)
     assert t.dtype == torch.float32 and t.shape == (num_steps + 1,)
-    ref = torch.tensor(SCHEDULES["init_t"][key], dtype=torch.float32)
+    ref = torch.tensor(schedules["init_t"][key], dtype=torch.float32)
     assert torch.equal(t, ref), (t - ref).abs().max()
-    assert t.tolist() == SCHEDULES["init_t"][key]  # the floats the scheduler receives
+    assert t.tolist() == schedules["init_t"][key]  # the floats the scheduler receives
 
 
-@pytest.mark.parametrize("key", sorted(SCHEDULES["init_intervel"]))
-def test_init_intervals_matches_reference(key):
+@pytest.mark.parametrize("key", INIT_INTERVALS)
+def test_init_intervals_matches_reference(key, schedules):
     num_steps, mode = _key_args(key)
     got = init_intervals(num_steps, mode)
-    assert got == [float(x) for x in SCHEDULES["init_intervel"][key]]
+    assert got == [float(x) for x in schedules["init_intervel"][key]]
     assert all(isinstance(x, float) for x in got)
 
 
@@ -86,3 +91,4 @@ def test_bad_shortcut_mode_names_field():
     with pytest.raises(InvalidInput) as err:
         init_t(12, "8,8,8")
     assert err.value.field == "shortcut_mode"
+
