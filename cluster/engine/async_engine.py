@@ -36,13 +36,13 @@ from cluster.engine.early_cancels import EarlyCancels
 from cluster.engine.errors import JobCancelled, JobFailed, JobNotFound
 from cluster.engine.events import JobAdmitted, JobFinished, JobHandle
 from cluster.engine.loop import Engine
+from cluster.engine.job_stream import JobStream
 from cluster.engine.stats import EngineStats, JobStat
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress, QueuePosition
 from stages.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 HISTORY = 256  # finished jobs whose stats stay queryable
-STEP_HISTORY = 64  # step intervals kept per job
 
 #: ``on_step(stats, step_s, events)``: called on the event loop after every engine step with
 #: ``Engine.stats()``, the step's wall time in seconds (None if no forward ran) and its events.
@@ -59,40 +59,6 @@ class _StepResult:
     stats: EngineStats
     timings: dict[str, tuple[float | None, float | None]]  # job -> (ttfc_s, tpoc_s) of jobs that ran
     has_work: bool
-
-
-class _Job:
-    """The async engine's record of one job: its event queue and what :meth:`stat` reports.
-    Only the event loop touches it; ``state`` changes only through :meth:`admitted` / :meth:`end`."""
-
-    def __init__(self, job_id: str):
-        self.job_id, self.state, self.error = job_id, "queued", None
-        self.queue: asyncio.Queue = asyncio.Queue()  # events, then None once ended
-        self.position: int | None = None  # last queue position sent
-        self.steps = self.chunks = self.kv_bytes = 0
-        self.timings: tuple[float | None, float | None] = (None, None)
-        self.total_forwards: int | None = None
-        self.finished_at: float | None = None
-        self.intervals: collections.deque = collections.deque(maxlen=STEP_HISTORY)
-
-    @property
-    def ended(self) -> bool:
-        return self.finished_at is not None
-
-    def admitted(self) -> None:
-        if self.state == "queued":
-            self.state, self.position = "active", None
-
-    def end(self, state: str, error: str | None = None) -> None:
-        """The first end wins; the stream ends after the events already queued."""
-        if not self.ended:
-            self.state, self.error, self.finished_at, self.kv_bytes = state, error, time.time(), 0
-            self.queue.put_nowait(None)
-
-    def stat(self) -> JobStat:
-        return JobStat(self.job_id, self.state, self.position if self.state == "queued" else None, self.steps,
-                       self.chunks, *self.timings, self.kv_bytes, self.total_forwards, self.finished_at,
-                       tuple(self.intervals))
 
 
 class AsyncEngine:
@@ -113,7 +79,7 @@ class AsyncEngine:
         self._history = history
         self._early_cancels = early_cancels or EarlyCancels()
         self._compute = ComputeThread("dit-step")
-        self._jobs: collections.OrderedDict[str, _Job] = collections.OrderedDict()
+        self._jobs: collections.OrderedDict[str, JobStream] = collections.OrderedDict()
         self._handles: dict[str, JobHandle] = {}  # compute thread only
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -134,7 +100,7 @@ class AsyncEngine:
         known = self._jobs.get(job_id)
         if known is not None and not known.ended:
             raise InvalidInput("job_id", f"job {job_id!r} is already queued or running")
-        rec = self._remember(_Job(job_id))
+        rec = self._remember(JobStream(job_id))
         if self._early_cancels.consume(job_id):  # cancel(job_id) came first: never start it
             rec.end("cancelled")
             raise JobCancelled(job_id)
@@ -288,7 +254,7 @@ class AsyncEngine:
             rec.chunks += isinstance(event, LatentChunk)
             rec.queue.put_nowait(event)
 
-    def _send_position(self, rec: _Job, position: int) -> None:
+    def _send_position(self, rec: JobStream, position: int) -> None:
         if rec.position != position:
             rec.position = position
             rec.queue.put_nowait(QueuePosition(rec.job_id, position))
@@ -298,7 +264,7 @@ class AsyncEngine:
         self._compute.submit(self.engine.cancel, job_id).add_done_callback(lambda f: f.exception())
         self._kick()
 
-    def _abandon(self, rec: _Job, submitted: asyncio.Future) -> None:
+    def _abandon(self, rec: JobStream, submitted: asyncio.Future) -> None:
         """The submitter went away during its submit: cancel the job if the engine took it."""
         if submitted.cancelled() or submitted.exception() is not None:
             self._forget(rec)
@@ -311,7 +277,7 @@ class AsyncEngine:
                 rec.end("failed", reason)
                 self._compute.submit(self.engine.cancel, rec.job_id).add_done_callback(lambda f: f.exception())
 
-    def _remember(self, rec: _Job) -> _Job:
+    def _remember(self, rec: JobStream) -> JobStream:
         finished = [job_id for job_id, r in self._jobs.items() if r.ended]
         for old in finished[: max(0, len(self._jobs) + 1 - self._history)]:
             del self._jobs[old]
@@ -319,6 +285,6 @@ class AsyncEngine:
         self._jobs[rec.job_id] = rec
         return rec
 
-    def _forget(self, rec: _Job) -> None:
+    def _forget(self, rec: JobStream) -> None:
         if self._jobs.get(rec.job_id) is rec:
             del self._jobs[rec.job_id]
