@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,28 @@ def golden_params(name: str, key: str = "cases", where=None) -> list:
 def golden_file(name: str) -> Path:
     """``golden_dir() / name``; skips (fails under MAGI_REQUIRE_GOLDEN=1) when absent."""
     return need(golden_dir() / name, f"golden file {name}")
+
+
+def skip_unless(path: Path, what: str):
+    """Marker for tests that need ``path``: skip when absent, except under MAGI_REQUIRE_GOLDEN=1
+    (the test then runs and fails)."""
+    return pytest.mark.skipif(not path.exists() and not required(), reason=f"{what} not found at {path}")
+
+
+def run_config_name(case: str, tiny_configs: dict) -> str:
+    """Run config (``tiny_dit_config.json`` ``run_configs``) the harness used for golden ``case``,
+    read from the file's ``run_configs_note`` map (``a/b* -> x; c/d -> y/z``: globs allowed, pairs
+    matched by position when both sides have as many names; an exact name wins over a glob).
+
+    Raises:
+        KeyError: the note maps no pattern onto ``case``.
+    """
+    found = {}
+    for lhs, rhs in re.findall(r"([\w*]+(?:/[\w*]+)*) -> (\w+(?:/\w+)*)", tiny_configs["run_configs_note"]):
+        names, runs = lhs.split("/"), rhs.split("/")
+        for i, pattern in enumerate(names):
+            if fnmatch(case, pattern):
+                found[pattern] = runs[i] if len(runs) == len(names) else runs[0]
+    if not found:
+        raise KeyError(f"tiny_dit_config.json run_configs_note maps no run config onto {case!r}")
+    return found.get(case) or next(iter(found.values()))

@@ -6,9 +6,7 @@ at other sizes runs unchanged. Not a test module.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 
 import torch
 
@@ -17,6 +15,7 @@ from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, 
 from stages.config import DiTConfig, ModelConfig, SamplingConfig, TextEncoderConfig, VaeConfig
 from stages.dit.model import MagiDiT
 from stages.dit.packed import DenseKV, PackedWindow
+from tests.shared_data import run_config_name  # noqa: F401  (re-exported for the golden tests)
 
 ATOL_SF, RTOL_SF = 1e-5, 1e-4  # single forwards (golden README)
 ATOL_E2E, RTOL_E2E = 1e-4, 1e-3  # end-to-end chunks
@@ -31,25 +30,6 @@ def dit_config_from_reference(model_config: dict) -> DiTConfig:
 
 
 # ----- which run config and model a case used --------------------------------------
-
-
-def run_config_name(case: str, tiny_configs: dict) -> str:
-    """Run config (``tiny_dit_config.json`` ``run_configs``) the harness used for ``case``, read
-    from the file's ``run_configs_note`` map (``a/b* -> x; c/d -> y/z``: globs allowed, pairs
-    matched by position when both sides have as many names).
-
-    Raises:
-        KeyError: the note maps no pattern onto ``case``.
-    """
-    found = {}
-    for lhs, rhs in re.findall(r"([\w*]+(?:/[\w*]+)*) -> (\w+(?:/\w+)*)", tiny_configs["run_configs_note"]):
-        names, runs = lhs.split("/"), rhs.split("/")
-        for i, pattern in enumerate(names):
-            if fnmatch(case, pattern):
-                found[pattern] = runs[i] if len(runs) == len(names) else runs[0]
-    if not found:
-        raise KeyError(f"tiny_dit_config.json run_configs_note maps no run config onto {case!r}")
-    return found.get(case) or next(iter(found.values()))  # an exact name wins over a glob
 
 
 def model_name(model_config: dict, tiny_configs: dict) -> str:

@@ -1,7 +1,6 @@
 """Bad requests end with INVALID_ARGUMENT naming the field; a full engine refuses with a retry hint."""
 
 import re
-from pathlib import Path
 
 import grpc
 import pytest
@@ -9,10 +8,11 @@ import pytest
 from cluster.client.sdk import make_request
 from serve_helpers import poll
 from magi.v1 import generate_pb2 as pb
+from tests import shared_data
 
 pytestmark = pytest.mark.serve
 
-BAD = Path(__file__).resolve().parents[3] / "shared" / "inputs" / "bad"
+BAD = shared_data.inputs_dir() / "bad"  # ../shared/inputs/bad (tests/shared_data.py)
 
 
 def with_job_id(request, job_id):

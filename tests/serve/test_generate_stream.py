@@ -1,7 +1,6 @@
 """Generate through the real gRPC proxy: stream order, playable output, formats, conditioning."""
 
 import io
-from pathlib import Path
 
 import av
 import numpy as np
@@ -10,10 +9,11 @@ import pytest
 from cluster.client import cli
 from cluster.client.sdk import make_request
 from magi.v1 import generate_pb2 as pb
+from tests import shared_data
 
 pytestmark = pytest.mark.serve
 
-INPUTS = Path("/work/shared/inputs")
+INPUTS = shared_data.inputs_dir()  # ../shared/inputs (tests/shared_data.py)
 FRAMES_PER_CHUNK = 24
 
 

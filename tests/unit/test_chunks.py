@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +18,7 @@ from cluster.scheduler.chunks import (
 from stages.config import magi_tiny
 from stages.errors import InvalidInput
 
-GOLDEN = Path(os.environ.get("MAGI_GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
+from tests.shared_data import golden_params, run_config_name
 
 
 def test_video_frames_of_shipped_chunks():
@@ -63,15 +61,14 @@ def test_v2v_job_layout_counts_prefix_chunks_globally():
     assert err.value.field == "num_chunks"
 
 
-@pytest.mark.parametrize(
-    "case, num_frames",  # runtime num_frames of the golden run configs (tiny_dit_config.json)
-    [("e2e_t2v_base_cfg3", 32), ("e2e_t2v_base_cfg3_w4_ns16_5chunks", 40), ("e2e_i2v_base_cfg3", 32),
-     ("e2e_v2v_base_cfg3", 32)],
-)
-def test_reference_layout_matches_golden_cases(case, num_frames):
-    spec = json.loads((GOLDEN / "golden_dit.json").read_text())["cases"][case]
+@pytest.mark.parametrize("case", golden_params("golden_dit.json", where=lambda c: c["kind"] == "e2e_walk"))
+def test_reference_layout_matches_golden_cases(case, golden_dir):
+    """Chunks of every golden walk from its run config's ``num_frames`` (tiny_dit_config.json)."""
+    spec = json.loads((golden_dir / "golden_dit.json").read_text())["cases"][case]
+    tiny = json.loads((golden_dir / "tiny_dit_config.json").read_text())
+    rt = tiny["run_configs"][run_config_name(case, tiny)]["runtime_config"]
     prefix = spec["prefix_frames"]
-    lay = reference_layout(latent_frames(num_frames), prefix, spec["chunk_width"])
+    lay = reference_layout(latent_frames(rt["num_frames"], rt["temporal_downsample_factor"]), prefix, spec["chunk_width"])
     assert lay.num_chunks == spec["chunk_num"]
     assert lay.num_generated == len(spec["yielded_chunk_indices"])
     assert lay.chunk_offset == prefix // spec["chunk_width"]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +15,10 @@ from stages.parallel.weights import (
     DTYPE_BYTES, dit_layer_counts, dit_shared_counts, dit_stage_counts, dit_weight_bytes, nbytes, stage_layers,
     t5_encoder_params, vae_params,
 )
+from tests import shared_data
 
-GOLDEN = Path(os.environ.get("MAGI_GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
-needs_golden = pytest.mark.skipif(not (GOLDEN / "dit_manifest_24B.json").exists(), reason=f"no golden data at {GOLDEN}")
+GOLDEN = shared_data.golden_dir()
+needs_golden = shared_data.skip_unless(GOLDEN / "dit_manifest_24B.json", "golden manifests")
 PRESET_OF = {
     "4.5B_base": "magi-4.5B-base", "4.5B_distill": "magi-4.5B-distill", "4.5B_distill_quant": "magi-4.5B-distill-fp8",
     "24B_base": "magi-24B-base", "24B_distill": "magi-24B-distill", "24B_distill_quant": "magi-24B-distill-fp8",

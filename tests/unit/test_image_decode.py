@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,11 @@ from PIL import Image, ImageOps
 
 from stages.errors import InvalidInput
 from stages.video import decode_image
+from tests import shared_data
 
-REPO = Path(__file__).resolve().parents[2]
-INPUTS = Path(os.environ.get("MAGI_INPUTS_DIR", REPO.parent / "shared" / "inputs"))
+INPUTS = shared_data.inputs_dir()
 BAD, IMAGES = INPUTS / "bad", INPUTS / "images"
-needs_inputs = pytest.mark.skipif(not (BAD / "README.md").exists(), reason=f"inputs not found at {INPUTS}")
+needs_inputs = shared_data.skip_unless(BAD / "README.md", "shared inputs")
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 # files of bad/ that are usable images (bad/README.md: "accept" or "accept-or-reject");

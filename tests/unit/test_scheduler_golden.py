@@ -8,8 +8,6 @@ clean_reforward_chunk -> the CLEAN_REFORWARD slot, model_t -> slot t values.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +15,23 @@ from cluster.scheduler.chunk_scheduler import ChunkScheduler
 from cluster.scheduler.plan import SlotRole, StepPlan, StepResult
 from cluster.scheduler.stagger import generate_sequences
 from stages.sampling import init_intervals, init_t
+from tests.shared_data import MISSING, golden_json, golden_params
 
-GOLDEN = Path(os.environ.get("MAGI_GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
-SCHEDULES = json.loads((GOLDEN / "schedules.json").read_text())
-TABLES = SCHEDULES["stagger_tables"]
-DIT_CASES = {k: v for k, v in json.loads((GOLDEN / "golden_dit.json").read_text())["cases"].items() if k.startswith("e2e_")}
+_SCHEDULES = golden_json("schedules.json")
+TABLE_IDS = list(range(len(_SCHEDULES["stagger_tables"]))) if _SCHEDULES else [MISSING]
+SEQUENCE_KEYS = sorted(_SCHEDULES["generate_sequences"]) if _SCHEDULES else [MISSING]
+DIT_CASES = golden_params("golden_dit.json", where=lambda c: c["kind"] == "e2e_walk")
+
+
+@pytest.fixture(scope="module")
+def schedules(golden_dir) -> dict:
+    return json.loads((golden_dir / "schedules.json").read_text())
+
+
+@pytest.fixture
+def table(schedules, request) -> dict:
+    """Stagger table number ``request.param`` (indirect parametrization)."""
+    return schedules["stagger_tables"][request.param]
 
 STEP_FIELDS = {
     "global_step", "stage", "denoise_idx", "denoise_step_per_stage", "window_chunks", "chunk_step_index", "chunk_t",
@@ -47,8 +57,9 @@ def _run(sched: ChunkScheduler) -> list[StepPlan]:
     return plans
 
 
-def _table_id(t):
-    return f"C{t['chunk_num']}-W{t['window_size']}-N{t['num_steps']}-off{t['chunk_offset']}"
+def _table_id(i):
+    t = _SCHEDULES["stagger_tables"][i] if _SCHEDULES else None
+    return MISSING if t is None else f"C{t['chunk_num']}-W{t['window_size']}-N{t['num_steps']}-off{t['chunk_offset']}"
 
 
 def _table_scheduler(table) -> ChunkScheduler:
@@ -86,7 +97,7 @@ def _observed(plan: StepPlan, per: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("table", TABLES, ids=_table_id)
+@pytest.mark.parametrize("table", TABLE_IDS, ids=_table_id, indirect=True)
 def test_every_field_of_every_forward_matches_stagger_table(table):
     sched = _table_scheduler(table)
     assert sched.spec.t_schedule == tuple(table["t_schedule"])
@@ -102,7 +113,7 @@ def test_every_field_of_every_forward_matches_stagger_table(table):
         assert plan.kv_write_chunks == ((ref["clean_reforward_chunk"],) if ref["fwd_extra_1st_chunk"] else ())
 
 
-@pytest.mark.parametrize("table", TABLES, ids=_table_id)
+@pytest.mark.parametrize("table", TABLE_IDS, ids=_table_id, indirect=True)
 def test_emits_match_yields(table):
     plans = [p for p in _run(_table_scheduler(table)) if not p.is_prefix_extraction]
     emitted = [(c, p.global_step) for p in plans for c in p.emits]
@@ -112,7 +123,7 @@ def test_emits_match_yields(table):
         assert y["chunk_index"] - table["chunk_offset"] == y["chunk_index_relative_to_offset"]
 
 
-@pytest.mark.parametrize("table", TABLES, ids=_table_id)
+@pytest.mark.parametrize("table", TABLE_IDS, ids=_table_id, indirect=True)
 def test_prefix_extraction_plan_matches_table(table):
     plans = _run(_table_scheduler(table))
     ref = table["prefix_video_feature_forward"]
@@ -134,11 +145,11 @@ def test_prefix_extraction_plan_matches_table(table):
     assert (plan.global_step, plan.emits, plan.distill_nearly_clean_chunk) == (0, (), False)
 
 
-@pytest.mark.parametrize("key", sorted(SCHEDULES["generate_sequences"]))
-def test_generate_sequences_raw_outputs(key):
+@pytest.mark.parametrize("key", SEQUENCE_KEYS)
+def test_generate_sequences_raw_outputs(key, schedules):
     args = dict(kv.split("=") for kv in key.split(","))
     c, w, o = int(args["chunk_num"]), int(args["window_size"]), int(args["chunk_offset"])
-    ref = SCHEDULES["generate_sequences"][key]
+    ref = schedules["generate_sequences"][key]
     got = generate_sequences(c, w, o)
     assert list(got) == [ref["clip_start"], ref["clip_end"], ref["t_start"], ref["t_end"]]
     # the scheduler's per-stage windows are the same clip ranges
@@ -155,10 +166,10 @@ def _trace_scheduler(case) -> ChunkScheduler:
     )
 
 
-@pytest.mark.parametrize("name", sorted(DIT_CASES))
-def test_forward_trace_of_golden_dit_walks(name):
+@pytest.mark.parametrize("name", DIT_CASES)
+def test_forward_trace_of_golden_dit_walks(name, golden_dir):
     """Per forward_dispatcher call of the tiny-model runs: t, KV ranges (tokens), slice/range numbers, flags."""
-    case = DIT_CASES[name]
+    case = json.loads((golden_dir / "golden_dit.json").read_text())["cases"][name]
     sched = _trace_scheduler(case)
     assert sched.spec.t_schedule == tuple(case["t_schedule"])
     plans = _run(sched)

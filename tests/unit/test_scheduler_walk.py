@@ -10,8 +10,6 @@ re-forward drop, prefix padding and emission points together.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,14 +19,18 @@ from cluster.scheduler.chunk_scheduler import ChunkScheduler
 from cluster.scheduler.plan import StepResult
 from stages.sampling import euler_step, init_intervals, init_t
 
-GOLDEN = Path(os.environ.get("MAGI_GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
-CASES = ["e2e_t2v_base_cfg3", "e2e_t2v_distill_cfg1_ns8", "e2e_i2v_base_cfg3", "e2e_v2v_base_cfg3"]
+from tests.shared_data import golden_json, golden_params
+
+_INDEX = golden_json("golden_dit.json") or {"tensors": {}}
+# every walk whose per-forward velocities the reference recorded
+CASES = golden_params("golden_dit.json", where=lambda c: c["kind"] == "e2e_walk")
+CASES = [c for c in CASES if f"{c}/step_000/velocity" in _INDEX["tensors"]] or CASES[:1]
 
 
 @pytest.fixture(scope="module")
-def golden():
-    meta = json.loads((GOLDEN / "golden_dit.json").read_text())["cases"]
-    return meta, load_file(str(GOLDEN / "golden_dit.safetensors"))
+def golden(golden_dir):
+    meta = json.loads((golden_dir / "golden_dit.json").read_text())["cases"]
+    return meta, load_file(str(golden_dir / "golden_dit.safetensors"))
 
 
 def _pad_prefix(window, prefix, start_frame):
@@ -52,6 +54,8 @@ def test_replay_reference_walk(golden, name):
         num_chunks=case["chunk_num"], window_size=case["window_size"], num_steps=steps,
         t_schedule=init_t(steps, case["shortcut_mode"]).tolist(),
         distill_intervals=init_intervals(steps, case["shortcut_mode"]), chunk_offset=plen // cw,
+        noise2clean_kvrange=case["noise2clean_kvrange"], clean_chunk_kvrange=case["clean_chunk_kvrange"],
+        clean_t=case["clean_t"], distill_nearly_clean_chunk_threshold=case["distill_nearly_clean_chunk_threshold"],
     )
     x = tensors[f"{name}/noise"].clone()
     emitted = []

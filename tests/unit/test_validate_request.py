@@ -1,7 +1,6 @@
 """Request validation: every rejection is InvalidInput naming the request field."""
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,11 +12,12 @@ from cluster.serve.validate import validate_request
 from magi.v1 import generate_pb2 as pb
 from stages.config import magi_tiny
 from stages.errors import InvalidInput
+from tests import shared_data
 
 MODEL = magi_tiny()
 LIMITS = RequestLimits(max_chunks=8, max_height=256, max_width=256, max_steps=16, max_prompt_chars=100,
                        max_prompt_segments=3, max_image_bytes=1000, max_video_bytes=1000)
-INPUTS = Path("/work/shared/inputs")
+INPUTS = shared_data.inputs_dir()  # ../shared/inputs (tests/shared_data.py)
 
 
 def request(**kw) -> pb.GenerateRequest:

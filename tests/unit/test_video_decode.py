@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import av
 import numpy as np
@@ -12,12 +10,12 @@ import pytest
 
 from stages.errors import InvalidInput
 from stages.video import decode_video, fit_image
+from tests import shared_data
 
-REPO = Path(__file__).resolve().parents[2]
-INPUTS = Path(os.environ.get("MAGI_INPUTS_DIR", REPO.parent / "shared" / "inputs"))
+INPUTS = shared_data.inputs_dir()
 BAD = INPUTS / "bad"
 PREFIX = INPUTS / "videos" / "MAGI-1" / "example" / "assets" / "prefix_video.mp4"
-needs_inputs = pytest.mark.skipif(not PREFIX.exists(), reason=f"inputs not found at {INPUTS}")
+needs_inputs = shared_data.skip_unless(PREFIX, "shared inputs")
 ACCEPTED = {"single_frame_448x300.mp4", "animated_chelsea_10f.gif"}
 
 
