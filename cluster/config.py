@@ -41,6 +41,13 @@ class RequestLimits(_Strict):
     max_image_bytes: int = Field(20 * MiB, gt=0, description="encoded I2V image, bytes")
     max_video_bytes: int = Field(64 * MiB, gt=0, description="encoded V2V prefix video, bytes")
     max_prefix_frames: int = Field(192, gt=0, description="V2V prefix video frames kept (the last ones)")
+    max_request_bytes: int | None = Field(
+        None, gt=0, description="largest request message, bytes; None = the largest media field + 1 MiB. "
+        "The gRPC proxy refuses a longer one from its length prefix (RESOURCE_EXHAUSTED), unbuffered")
+
+    def request_cap(self) -> int:
+        """``max_request_bytes``, or max(``max_image_bytes``, ``max_video_bytes``) + 1 MiB (bytes)."""
+        return self.max_request_bytes or max(self.max_image_bytes, self.max_video_bytes) + MiB
 
 
 class DeploymentSettings(_Strict):

@@ -24,10 +24,12 @@ from cluster.serve.vae_decoder import VaeDecoderDeployment
 APP_NAME = "magi"
 ROUTE_PREFIX = "/magi"  # Serve routes gRPC calls only to applications with a route prefix
 
-#: What Serve's gRPC proxy serves (besides reflection, on by default in Ray 2.60).
+#: What Serve's gRPC proxy serves (besides reflection, on by default in Ray 2.60): our own
+#: registrations, which pass raw request bytes to the ingress, serve Health/Check only and
+#: keep Serve's own errors from the client (:mod:`cluster.serve.servicers`).
 GRPC_SERVICER_FUNCTIONS = (
-    "magi.v1.generate_pb2_grpc.add_VideoGenerationServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "cluster.serve.servicers.add_video_generation_to_server",
+    "cluster.serve.servicers.add_health_to_server",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from cluster.config import RequestLimits
 from cluster.messages import JobSpec, OutputFormat, PromptSegment
@@ -27,6 +28,29 @@ _FORMATS = {
     pb.OUTPUT_FORMAT_FMP4: OutputFormat.FMP4,
     pb.OUTPUT_FORMAT_RAW_RGB: OutputFormat.RAW_RGB,
 }
+
+
+def parse_request(message_class: type[Message], data: bytes | Message, limits: RequestLimits) -> Message:
+    """A request message from the bytes Serve's proxy passes on (:mod:`cluster.serve.servicers`).
+
+    An already parsed ``message_class`` instance is returned as is.
+
+    Raises:
+        InvalidInput: field ``request``: longer than ``limits.request_cap()`` bytes (a backstop:
+            the proxy refuses those first), or not a valid serialized ``message_class``.
+    """
+    if isinstance(data, message_class):
+        return data
+    name = message_class.DESCRIPTOR.full_name
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInput("request", f"not a valid {name}")
+    if len(data) > limits.request_cap():
+        raise InvalidInput("request", f"is {len(data)} bytes, above the limit of {limits.request_cap()}")
+    try:
+        return message_class.FromString(bytes(data))
+    except DecodeError as exc:
+        raise InvalidInput("request", f"not a valid {name} (unparsable bytes or a string "
+                                      "field that is not UTF-8)") from exc
 
 
 def validate_request(
