@@ -8,11 +8,16 @@ lifecycle events below. Route them by ``job_id``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cluster.engine.loop import Engine
     from cluster.engine.prepare import JobState
+
+
+class QueueView(Protocol):
+    """What a :class:`JobHandle` asks its engine (:class:`cluster.engine.loop.Engine`)."""
+
+    def queue_position(self, job_id: str) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class JobHandle:
     ``ttfc_s`` / ``tpoc_s`` (seconds, None until known), ``error``.
     """
 
-    def __init__(self, engine: "Engine", st: "JobState"):
+    def __init__(self, engine: QueueView, st: "JobState"):
         self._engine, self._st = engine, st
         self.job_id = st.job_id
 

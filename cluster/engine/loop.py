@@ -209,7 +209,7 @@ class Engine:
             raise EngineBusy(queue_limit=0, active=len(self._admission.active), queued=len(self._admission.queued),
                              retry_after_s=self._retry_hint())
         self._activate(st, region)
-        return JobRun(self, st)
+        return JobRun(st, self.runner, self._release_kv, self._update_prompt)
 
     # ----- multi-job API ---------------------------------------------------------
     def submit(self, job: EngineJob, noise: torch.Tensor | None = None, resume: "snapshots.JobSnapshot | None" = None

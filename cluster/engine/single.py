@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from cluster.engine.prepare import JobState
-from cluster.engine.runner import StepOutcome
+from cluster.engine.runner import BatchRunner, StepOutcome
 from cluster.messages import CaptionEmbedding, LatentChunk, Progress
 from cluster.scheduler.plan import StepPlan, StepResult
-
-if TYPE_CHECKING:  # pragma: no cover
-    from cluster.engine.loop import Engine
 
 
 def job_events(st: JobState, plan: StepPlan, out: StepOutcome, step_s: float) -> list:
@@ -41,13 +38,14 @@ class JobRun:
         last_outcome: the most recent :class:`StepOutcome` (window input / velocity, for tracing).
     """
 
-    def __init__(self, engine: "Engine", st: JobState):
-        self._engine, self._st = engine, st
+    def __init__(self, st: JobState, runner: BatchRunner, release: Callable[[JobState], None],
+                 update_prompt: Callable[[JobState, int, CaptionEmbedding], None]):
+        self._runner, self._update_prompt, self._st = runner, update_prompt, st
         self._ctx, self._sched = st.ctx, st.sched
         self.job_id = st.job_id
         self.num_chunks = st.sched.num_chunks if st.sched.num_chunks is None else st.sched.num_chunks - st.ctx.chunk_offset
         self._closed = False
-        self._finalizer = weakref.finalize(self, engine._release_kv, st)
+        self._finalizer = weakref.finalize(self, release, st)
 
     @property
     def last_outcome(self) -> StepOutcome | None:
@@ -88,7 +86,7 @@ class JobRun:
             self.close()
             return []
         started = time.perf_counter()
-        out = self._engine.runner.run([(self._ctx, plan)])[0]
+        out = self._runner.run([(self._ctx, plan)])[0]
         if isinstance(out, BaseException):
             self._sched.cancel()
             self.close()
@@ -102,7 +100,7 @@ class JobRun:
 
     def update_prompt(self, start_chunk: int, caption: CaptionEmbedding) -> None:
         """See :meth:`Engine.update_prompt`."""
-        self._engine._update_prompt(self._st, start_chunk, caption)
+        self._update_prompt(self._st, start_chunk, caption)
 
     def cancel(self) -> None:
         """Stop the job now and release its memory."""

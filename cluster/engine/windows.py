@@ -29,7 +29,7 @@ from cluster.scheduler.plan import ChunkSlot, SlotRole, StepPlan
 from stages.config import SamplingConfig
 from stages.dit.model import MagiDiT
 from stages.dit.packed import PackedWindow
-from stages.sampling import cfg_scales
+from stages.sampling import cfg_scales, distill_step_size
 
 
 @dataclass
@@ -155,13 +155,11 @@ class WindowBuilder:
         return (torch.stack([p[0] for p in pairs]).to(self.device), torch.stack([p[1] for p in pairs]).to(self.device))
 
     def _distill_dt(self, step: JobStep, k: int) -> torch.Tensor | None:
-        """Reference ``get_embedding_and_meta`` (engine_config.distill): dt = num_steps / 4 * 2,
-        or 4 / distill_interval * 2 for the 12-step shortcut schedule."""
+        """(k,) float32 step size of a distilled model (:func:`stages.sampling.distill_step_size`)."""
         if not self.sampling.distill:
             return None
-        ns = step.ctx.num_steps
-        factor = 4 / step.plan.distill_interval * 2 if ns == 12 else ns / 4 * 2
-        return torch.full((k,), factor, dtype=torch.float32, device=self.device)
+        dt = distill_step_size(step.ctx.num_steps, step.plan.distill_interval)
+        return torch.full((k,), dt, dtype=torch.float32, device=self.device)
 
     def _full(self, step: JobStep, *, null: bool, dropout: bool, text: bool) -> PackedWindow:
         win, kv = step.win, step.ctx.kv

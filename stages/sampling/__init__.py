@@ -8,13 +8,14 @@ staggering that decides which chunk is at which step lives in the plain-Python
 
 from stages.sampling.euler import euler_step
 from stages.sampling.guidance import cfg_scales, combine_cfg3, distill_blend
-from stages.sampling.schedule import SHORTCUT_MODES, init_intervals, init_t
+from stages.sampling.schedule import SHORTCUT_MODES, distill_step_size, init_intervals, init_t
 
 __all__ = [
     "SHORTCUT_MODES",
     "cfg_scales",
     "combine_cfg3",
     "distill_blend",
+    "distill_step_size",
     "euler_step",
     "init_intervals",
     "init_t",

@@ -12,6 +12,7 @@ import torch
 from stages.errors import InvalidInput
 
 SHORTCUT_MODES = ("8,16,16", "16,16,8")
+SHORTCUT_STEPS = 12  # the step count with the shortcut schedule (reference ``init_t``)
 SD3_SHIFT = 3.0
 
 
@@ -59,7 +60,7 @@ def init_t(num_steps: int, shortcut_mode: str = "8,16,16") -> torch.Tensor:
         InvalidInput: ``num_steps`` not a positive int, or unknown ``shortcut_mode``.
     """
     _check(num_steps, shortcut_mode)
-    if num_steps == 12:
+    if num_steps == SHORTCUT_STEPS:
         t = _shortcut_grid(shortcut_mode)
     else:
         t = torch.linspace(0, 1, num_steps + 1)
@@ -87,3 +88,13 @@ def init_intervals(num_steps: int, shortcut_mode: str = "8,16,16") -> list[float
         return [1.0] * num_steps
     pattern = [1.0, 1.0, 2.0] if shortcut_mode == "16,16,8" else [2.0, 1.0, 1.0]
     return pattern * (num_steps // 3)
+
+
+def distill_step_size(num_steps: int, interval: float) -> float:
+    """Step size fed to a shortcut-distilled model's step-size embedding (reference
+    ``get_embedding_and_meta``, ``engine_config.distill``): ``num_steps / 4 * 2``, or
+    ``4 / interval * 2`` for the 12-step shortcut schedule, where ``interval`` is the plan's
+    ``distill_interval`` (:func:`init_intervals` at the denoise index)."""
+    if num_steps == SHORTCUT_STEPS:
+        return 4 / interval * 2
+    return num_steps / 4 * 2

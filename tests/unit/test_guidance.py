@@ -7,7 +7,7 @@ import torch
 
 from stages.config import SamplingConfig
 from stages.errors import InvalidInput
-from stages.sampling import cfg_scales, combine_cfg3, distill_blend, init_t
+from stages.sampling import cfg_scales, combine_cfg3, distill_blend, distill_step_size, init_intervals, init_t
 
 SHIPPED = SamplingConfig()
 RANGE = SHIPPED.cfg_t_range  # (0, 0.0217, 0.1, 0.3, 0.999)
@@ -131,3 +131,17 @@ def test_distill_blend():
     with pytest.raises(InvalidInput) as err:
         distill_blend(a, b[:, :, :1])
     assert err.value.field == "self_only"
+
+
+@pytest.mark.parametrize("num_steps", [4, 8, 12, 16, 24, 32, 64])
+@pytest.mark.parametrize("mode", ["8,16,16", "16,16,8"])
+def test_distill_step_size_follows_the_shortcut_rule_of_init_t(num_steps, mode):
+    """One home for the 12-step rule: the step size uses the intervals exactly where init_t
+    uses the shortcut grid (where the schedule depends on the mode)."""
+    intervals = init_intervals(num_steps, mode)
+    sizes = {distill_step_size(num_steps, iv) for iv in intervals}
+    other = "16,16,8" if mode == "8,16,16" else "8,16,16"
+    if torch.equal(init_t(num_steps, mode), init_t(num_steps, other)):
+        assert sizes == {num_steps / 4 * 2}
+    else:
+        assert sizes == {4 / iv * 2 for iv in intervals} and len(sizes) == 2
