@@ -63,13 +63,23 @@ class Histogram:
         return HistogramSnapshot(self.buckets, tuple(counts), self.count, self.sum)
 
 
+def ttfc_tpoc(start: float, first: float | None, last: float | None, chunks: int) -> tuple[float | None, float | None]:
+    """(TTFC, TPOC) in seconds from a job's start, its first and last chunk times and its chunk
+    count: TTFC = first - start; TPOC = (last - first) / (chunks - 1), the mean gap between
+    consecutive chunks. None where not known yet (no chunk; fewer than two chunks). The one
+    formula of both: the engine's :class:`JobTimings` and the ingress' ``StreamClock``."""
+    ttfc = None if first is None else first - start
+    tpoc = (last - first) / (chunks - 1) if chunks > 1 else None
+    return ttfc, tpoc
+
+
 @dataclass
 class JobTimings:
     """Monotonic-clock timestamps of one job (``time.perf_counter`` seconds) and the one place
     TTFC / TPOC are computed (the engine's events, stats and metrics all read them from here).
 
     TTFC = first chunk - submit (queue wait included); TPOC = mean gap between consecutive
-    chunks = (last chunk - first chunk) / (chunks - 1). Constant memory for endless jobs.
+    chunks (:func:`ttfc_tpoc`). Constant memory for endless jobs.
     """
 
     submitted: float = field(default_factory=time.perf_counter)
@@ -91,12 +101,12 @@ class JobTimings:
 
     @property
     def ttfc_s(self) -> float | None:
-        return None if self.first_chunk is None else self.first_chunk - self.submitted
+        return ttfc_tpoc(self.submitted, self.first_chunk, self.last_chunk, self.chunks)[0]
 
     @property
     def tpoc_s(self) -> float | None:
         """Mean time per output chunk after the first, None before the second chunk."""
-        return (self.last_chunk - self.first_chunk) / (self.chunks - 1) if self.chunks > 1 else None
+        return ttfc_tpoc(self.submitted, self.first_chunk, self.last_chunk, self.chunks)[1]
 
 
 @dataclass(frozen=True)

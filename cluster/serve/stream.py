@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cluster.engine.stats import ttfc_tpoc
 from cluster.messages import JobSpec, OutputFormat, Progress
 from cluster.scheduler.chunks import prefix_split
 from magi.v1 import generate_pb2 as pb
@@ -124,12 +125,11 @@ class StreamClock:
     def done(self) -> pb.GenerateResponse:
         now = time.perf_counter()
         times = self.chunk_times
-        ttfc = times[0] - self.start if times else 0.0
-        tpoc = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        ttfc, tpoc = ttfc_tpoc(self.start, times[0] if times else None, times[-1] if times else None, len(times))
         return pb.GenerateResponse(
             done=pb.Done(
-                ttfc_s=ttfc,
-                tpoc_s=tpoc,
+                ttfc_s=ttfc or 0.0,
+                tpoc_s=tpoc or 0.0,
                 total_s=now - self.start,
                 total_frames=self.frames,
                 num_chunks=len(times),
