@@ -45,7 +45,8 @@ _PROXY_WORDS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "the call ran past its deadline",
     grpc.StatusCode.NOT_FOUND: "no application serves this call",
 }
-_LOST = re.compile(r"ActorDiedError|RayActorError|ActorUnavailableError|actor died|DeploymentUnavailable")
+_LOST = re.compile(r"ActorDiedError|RayActorError|ActorUnavailableError|DeploymentUnavailable|"
+                   r"actor (died|is dead)|actor.{0,80}(unavailable|unexpectedly)", re.IGNORECASE)
 #: What must not reach a client: tracebacks, paths, addresses, pids, actor or deployment ids.
 _LEAKY = re.compile(r"Traceback|File \"|/|\d+\.\d+\.\d+\.\d+|pid|[Aa]ctor|Deployment|Replica|ray\.|\b_\w+")
 

@@ -76,7 +76,7 @@ def test_jobs_batch_and_a_full_engine_refuses_with_retry_hint(client, dit_engine
             received.append(msg.WhichOneof("event"))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
     assert received == ["accepted"]
-    hint = re.search(r"retry in about ([0-9.]+) s$", info.value.details())
+    hint = re.search(r"retry in about ([0-9.]+) s \(request id [\w-]+\)$", info.value.details())
     assert hint and float(hint.group(1)) > 0
 
     # The two running jobs share DiT forwards (continuous batching): identical step intervals.
