@@ -4,7 +4,8 @@
         (no --address: starts an embedded local Ray + Serve with magi-tiny, runs the
         job through gRPC, shuts everything down)
     magi generate --prompt TEXT --prompt-from 2:"the cat sleeps" --address HOST:PORT -o out.mp4
-    magi serve [--config ray_serve.yaml]     (local Ray, or the cluster in RAY_ADDRESS)
+    magi serve [--config ray_serve.yaml] [--host IP]   (local Ray on loopback, or the cluster in RAY_ADDRESS;
+        SIGTERM / Ctrl-C drain: new jobs refused, running streams finish, then everything stops)
     magi health --address HOST:PORT
     magi checkpoint verify PATH --config NAME     (exit 1 naming every mismatch)
     magi checkpoint manifest --config NAME [--json]
@@ -26,7 +27,7 @@ from typing import Sequence
 import grpc
 
 from cluster.client.progress import ProgressView
-from cluster.client.sdk import MagiClient, make_request
+from cluster.client.sdk import MagiClient, RetryPolicy, make_request
 from cluster.config import ConfigError, ServiceConfig
 
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the service in the foreground until Ctrl-C")
     srv.add_argument("--config", type=Path, help="ray_serve.yaml or a bare ServiceConfig YAML")
     srv.add_argument("--port", type=int, help="gRPC port (default: the config's grpc_port)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address every listener of the local Ray + Serve binds (default loopback; "
+                     "0.0.0.0 = all interfaces)")
 
     health = sub.add_parser("health", help="grpc.health.v1 Check of a running service")
     health.add_argument("--address", required=True)
@@ -119,7 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
 
             print("starting a local service (Ray + Serve) ...", file=sys.stderr)
             address = stack.enter_context(LocalService(_load_config(args.config), quiet=True)).address
-        client = stack.enter_context(MagiClient(address))
+        client = stack.enter_context(MagiClient(address, retry=RetryPolicy()))
         return _run_job(client, request, args.output, quiet=args.quiet)
 
 
@@ -159,18 +163,41 @@ def _serve(args: argparse.Namespace) -> int:
     from cluster.client.local import LocalService  # noqa: PLC0415  (imports ray)
 
     cfg = _load_config(args.config)
-    service = LocalService(cfg, grpc_port=args.port or cfg.grpc_port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    service = LocalService(cfg, grpc_port=args.port or cfg.grpc_port, host=args.host)
     with service:
-        print(f"magi-serve listening on {service.address} (gRPC); Ctrl-C stops", flush=True)
-        try:
-            while not stop.wait(1.0):
-                pass
-        except KeyboardInterrupt:
-            pass
-        print("shutting down ...", flush=True)
+        signals = _StopSignals()  # after ray.init, which replaces SIGTERM / SIGINT handlers
+        print(f"magi-serve listening on {service.address} (gRPC); Ctrl-C or SIGTERM stops", flush=True)
+        name = signals.wait()
+        timeout = cfg.deployments.ingress.graceful_shutdown_timeout_s
+        print(f"{name}: stopping gracefully (again: stop now)", flush=True)
+        service.drain(timeout, say=lambda text: print(text, flush=True), give_up=signals.again)
+        print("shutting down Serve and Ray ...", flush=True)
+    print("stopped", flush=True)
     return 0
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT handlers: the first asks for a graceful stop, a second one to hurry."""
+
+    def __init__(self):
+        self._count, self._name = 0, ""
+        self._first = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self._count += 1
+        self._name = self._name or signal.Signals(signum).name
+        self._first.set()
+
+    def wait(self) -> str:
+        """Block until the first signal; returns its name."""
+        while not self._first.wait(1.0):
+            pass
+        return self._name
+
+    def again(self) -> bool:
+        return self._count > 1
 
 
 def _health(args: argparse.Namespace) -> int:
