@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from cluster.config import RequestLimits
 from cluster.messages import JobSpec, OutputFormat, PromptSegment
+from cluster.serve.cancels import check_job_id
 from magi.v1 import generate_pb2 as pb
 from stages.config import ModelConfig
 from stages.errors import InvalidInput
@@ -92,10 +93,10 @@ def validate_update(req: pb.UpdatePromptRequest, limits: RequestLimits) -> tuple
     job (already in flight, past the end).
 
     Raises:
-        InvalidInput: ``job_id`` empty, ``start_chunk`` < 0, or an unusable ``text``.
+        InvalidInput: ``job_id`` not a job id (:func:`cluster.serve.cancels.check_job_id`),
+            ``start_chunk`` < 0, or an unusable ``text``.
     """
-    if not req.job_id:
-        raise InvalidInput("job_id", "empty")
+    check_job_id(req.job_id)
     if req.start_chunk < 0:
         raise InvalidInput("start_chunk", f"must be >= 0, got {req.start_chunk}")
     return req.job_id, req.start_chunk, _prompt_text(req.text, "text", limits)
