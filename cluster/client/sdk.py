@@ -32,7 +32,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import grpc
@@ -40,13 +39,12 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from cluster.client.request import FORMATS, make_request  # noqa: F401  (part of the SDK's API)
 from magi.v1 import generate_pb2 as pb
 from magi.v1 import generate_pb2_grpc as pb_grpc
 
 #: Receive limit the SDK sets (the service keeps messages under 4 MB; headroom for larger configs).
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
-
-FORMATS = {"fmp4": pb.OUTPUT_FORMAT_FMP4, "raw": pb.OUTPUT_FORMAT_RAW_RGB}
 
 #: Statuses that end a stream from the client's side or the transport's, not by the service's
 #: decision: the job may still run on the service, so the SDK sends Cancel(job_id).
@@ -81,57 +79,6 @@ def retry_delay(error: grpc.RpcError) -> float | None:
             detail.Unpack(info)
             return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
     return None
-
-
-def make_request(
-    prompt: str,
-    *,
-    prompt_from: Sequence[tuple[int, str]] = (),
-    image: bytes | str | Path | None = None,
-    prefix_video: bytes | str | Path | None = None,
-    num_chunks: int = 1,
-    num_steps: int = 0,
-    seed: int = 0,
-    height: int = 0,
-    width: int = 0,
-    output_format: str = "fmp4",
-) -> pb.GenerateRequest:
-    """Build a ``GenerateRequest``.
-
-    Args:
-        prompt: prompt from chunk 0 on.
-        prompt_from: (start_chunk, text) pairs: ``text`` replaces the prompt from that chunk on.
-        image / prefix_video: encoded bytes, or a path to read them from (at most one of the two).
-        num_chunks: chunks to generate; num_steps: steps per chunk (0 = model default).
-        height, width: pixels (0 = model default); seed: noise seed.
-        output_format: "fmp4" (fragmented MP4 segments) or "raw" (uint8 RGB frames).
-    Raises:
-        ValueError: both image and prefix_video given, or an unknown output_format.
-    """
-    if image is not None and prefix_video is not None:
-        raise ValueError("give either image or prefix_video, not both")
-    if output_format not in FORMATS:
-        raise ValueError(f"output_format must be one of {sorted(FORMATS)}, got {output_format!r}")
-    segments = [pb.PromptSegment(start_chunk=0, text=prompt)]
-    segments += [pb.PromptSegment(start_chunk=k, text=t) for k, t in sorted(prompt_from)]
-    req = pb.GenerateRequest(
-        prompt_segments=segments,
-        num_chunks=num_chunks,
-        num_steps=num_steps,
-        seed=seed,
-        height=height,
-        width=width,
-        output_format=FORMATS[output_format],
-    )
-    if image is not None:
-        req.image = _read(image)
-    elif prefix_video is not None:
-        req.prefix_video = _read(prefix_video)
-    return req
-
-
-def _read(data: bytes | str | Path) -> bytes:
-    return data if isinstance(data, bytes) else Path(data).read_bytes()
 
 
 class GenerateStream:
