@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from cluster.config import RequestLimits
 from cluster.messages import OutputFormat
-from cluster.serve.validate import validate_request
+from cluster.serve.validate import parse_request, validate_request, validate_update
 from magi.v1 import generate_pb2 as pb
 from stages.config import magi_tiny
 from stages.errors import InvalidInput
@@ -150,3 +150,36 @@ def test_prefix_video_is_trimmed_to_whole_frame_groups():
     limits = RequestLimits(max_prefix_frames=30)
     spec = validate_request(request(prefix_video=data, height=64, width=64), MODEL, limits, "j")
     assert spec.prefix_video.shape == (28, 64, 64, 3)  # last 30 frames, cut to a multiple of 4
+
+
+def _valid_messages():
+    return [request(), pb.CancelRequest(job_id="job-1"),
+            pb.UpdatePromptRequest(job_id="job-1", start_chunk=1, text="a dog")]
+
+
+@pytest.mark.parametrize("message", _valid_messages(), ids=lambda m: type(m).__name__)
+def test_parse_request_refuses_unparsable_bytes_naming_request(message):
+    data = message.SerializeToString()
+    cls = type(message)
+    assert cls.FromString(data) == parse_request(cls, data, LIMITS) == parse_request(cls, message, LIMITS)
+    text = next(v for _, v in message.ListFields() if isinstance(v, str)) if not isinstance(
+        message, pb.GenerateRequest) else message.prompt_segments[0].text
+    for bad in (data[:1], data.replace(text.encode(), b"\xff" * len(text.encode()), 1)):
+        with pytest.raises(InvalidInput, match=f"not a valid {cls.DESCRIPTOR.full_name}") as info:
+            parse_request(cls, bad, LIMITS)
+        assert info.value.field == "request"
+
+
+def test_parse_request_refuses_a_request_over_the_cap():
+    cap = LIMITS.request_cap()
+    assert cap == max(LIMITS.max_image_bytes, LIMITS.max_video_bytes) + 1024 * 1024
+    data = request(image=bytes(cap)).SerializeToString()
+    with pytest.raises(InvalidInput, match=f"above the limit of {cap}"):
+        parse_request(pb.GenerateRequest, data, LIMITS)
+
+
+def test_update_prompt_job_id_must_be_a_job_id():
+    for job_id in ("", "a b", "/tmp/x", "j" * 65):
+        with pytest.raises(InvalidInput) as info:
+            validate_update(pb.UpdatePromptRequest(job_id=job_id, start_chunk=1, text="x"), LIMITS)
+        assert info.value.field == "job_id"
