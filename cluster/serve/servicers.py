@@ -20,7 +20,10 @@ request deserializer (Ray 2.60 ``ray/serve/_private/grpc_util.py``,
 The size cap on requests (``limits.request_cap()``) is the proxy's gRPC
 ``max_receive_message_length``, env ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, set where Ray
 starts (:mod:`cluster.client.local`): gRPC refuses a longer message from its length
-prefix with RESOURCE_EXHAUSTED before buffering it.
+prefix with RESOURCE_EXHAUSTED before buffering it. On a cluster not started by
+``LocalService`` the variable must be in the nodes' environment (``ray start``, the
+Helm chart); without it the ingress still refuses such a request (INVALID_ARGUMENT,
+:func:`cluster.serve.validate.parse_request`), but only after the proxy buffered it.
 """
 
 from __future__ import annotations
