@@ -166,7 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
     service = LocalService(cfg, grpc_port=args.port or cfg.grpc_port, host=args.host)
     with service:
         signals = _StopSignals()  # after ray.init, which replaces SIGTERM / SIGINT handlers
-        print(f"magi-serve listening on {service.address} (gRPC); Ctrl-C or SIGTERM stops", flush=True)
+        print(f"magi-serve listening on {args.host}:{service.grpc_port} (gRPC; clients: {service.address}); "
+              "Ctrl-C or SIGTERM stops", flush=True)
         name = signals.wait()
         timeout = cfg.deployments.ingress.graceful_shutdown_timeout_s
         print(f"{name}: stopping gracefully (again: stop now)", flush=True)
