@@ -1,7 +1,7 @@
 """Bounded API fuzz (issue 9): >= 2,000 requests from an outside client, no UNKNOWN, no INTERNAL,
 no hang, no leak, and a healthy service afterwards.
 
-Hypothesis draws GenerateRequest / UpdatePromptRequest / CancelRequest fields (edge values,
+Hypothesis draws GenerateRequest / UpdatePromptRequest / CancelRequest / HealthCheckRequest fields (edge values,
 the nasty prompts and naughty strings of ../shared/inputs/bad, every file there and damaged
 copies of the real prefix video as media) and raw bytes (random, or a valid request cut or
 with a byte flipped). Most requests fail validation quickly; an accepted job is cancelled at
@@ -13,11 +13,12 @@ import re
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import SERVE_TEST_CONFIG
-from contract_client import LEAKS, call
+from contract_client import LEAKS, SERVICE, call
 from magi.v1 import generate_pb2 as pb
 from serve_helpers import poll
 from tests import shared_data
@@ -26,6 +27,7 @@ from tests.media_mutations import mp4_mutations
 pytestmark = pytest.mark.serve
 
 EXAMPLES = 2000
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
 INT32 = (-2**31, 2**31 - 1)
@@ -87,8 +89,10 @@ def _damaged(data: bytes, draw) -> bytes:
 @st.composite
 def calls(draw) -> tuple[str, bytes]:
     """(method, request bytes)."""
-    method = draw(st.sampled_from(["Generate"] * 6 + ["Cancel", "UpdatePrompt"]))
-    if method == "Generate":
+    method = draw(st.sampled_from(["Generate"] * 6 + ["Cancel", "UpdatePrompt", "Check"]))
+    if method == "Check":
+        message = health_pb2.HealthCheckRequest(service=draw(st.one_of(texts, st.just(SERVICE))))
+    elif method == "Generate":
         message = draw(generate_requests())
     elif method == "Cancel":
         message = pb.CancelRequest(job_id=draw(texts))
@@ -119,7 +123,8 @@ def test_fuzz_no_unknown_no_internal_no_hang(channel, client, dit_engine):
     @given(calls())
     def one_call(method_and_bytes):
         method, data = method_and_bytes
-        out = call(channel, method, data, timeout=60.0, max_messages=1)
+        out = call(channel, method, data, timeout=60.0, max_messages=1,
+                   service=HEALTH if method == "Check" else SERVICE)
         seen[out.code.name] = seen.get(out.code.name, 0) + 1
         assert out.code in ALLOWED, (method, data[:200], out.code, out.details)
         if out.code != grpc.StatusCode.OK and out.details != "cancelled by the test":
