@@ -65,12 +65,16 @@ class RetryPacer:
     Args:
         slots: jobs the engine admits at once (``engine.max_active_jobs``).
         jitter: spread of a delay within its client's interval (see :func:`spread_delay`).
+        margin: the engine's estimate is stretched by ``1 + margin``: it assumes steady step
+            times, and a client that comes back early costs an attempt (and its place), one
+            that comes back late costs nothing while the engine still has queued jobs.
         seed: random seed (None = from the OS).
         clock: monotonic clock (seconds).
     """
 
-    def __init__(self, slots: int, jitter: float = 1.0, seed: int | None = None, clock=time.monotonic):
-        self._slots, self._jitter = slots, jitter
+    def __init__(self, slots: int, jitter: float = 1.0, margin: float = 0.2, seed: int | None = None,
+                 clock=time.monotonic):
+        self._slots, self._jitter, self._stretch = slots, jitter, 1.0 + margin
         self._rng = random.Random(seed)
         self._clock = clock
         self._promised: list[float] = []  # retry times handed out (clock seconds)
@@ -80,7 +84,7 @@ class RetryPacer:
         retry later than now, and it counts itself as waiting until its own retry time."""
         now = self._clock()
         self._promised = [t for t in self._promised if t > now]
-        delay = spread_delay(retry_after_s, len(self._promised), self._slots, self._rng, self._jitter)
+        delay = spread_delay(retry_after_s * self._stretch, len(self._promised), self._slots, self._rng, self._jitter)
         self._promised.append(now + delay)
         return delay
 
