@@ -197,7 +197,9 @@ class LocalService:
               give_up: Callable[[], bool] = lambda: False) -> int:
         """Graceful stop, first half: the ingress refuses new jobs (UNAVAILABLE "service is
         shutting down"); wait up to ``timeout_s`` seconds (or until ``give_up()``) for its
-        running streams to end. Tell the user what happens through ``say``.
+        running streams to end. Tell the user what happens through ``say``. Reaches one
+        GrpcIngress replica (a handle call goes to one): with ``deployments.ingress.num_replicas``
+        > 1 the others keep admitting until Serve stops them.
 
         Returns:
             Streams still running when the wait ended (0: all finished).
