@@ -44,12 +44,12 @@ def test_sigterm_drains_and_leaves_no_process():
     lines = []
     try:
         assert read_until(proc, "listening on", lines), "".join(lines)
-        serve_process = psutil.Process(proc.pid)
-        family = [serve_process] + serve_process.children(recursive=True)  # Ray's processes
         with MagiClient(f"127.0.0.1:{port}") as client:
             stream = client.generate(make_request("a kite over a hill", num_chunks=3, num_steps=4))
             messages = iter(stream)
             running = [next(m for m in messages if m.HasField("progress"))]
+            serve_process = psutil.Process(proc.pid)
+            family = [serve_process] + serve_process.children(recursive=True)  # Ray's processes
             proc.send_signal(signal.SIGTERM)
             assert read_until(proc, "draining", lines), "".join(lines)
             with pytest.raises(grpc.RpcError) as refused:
