@@ -127,6 +127,12 @@ class EngineSettings(_Strict):
                                            "step's windows are split over several forwards (a window is never "
                                            "split); bounds activation memory however many jobs are active; "
                                            "None = one forward per step")
+    max_buffered_chunks: int = Field(2, gt=0, description="clean chunks of a job produced but not yet taken by "
+                                     "its stream's reader: at this many the job is paused (it keeps its KV region "
+                                     "and admission slot, leaves the step's forward) until its reader takes one "
+                                     "(backpressure from a client that reads slowly; README)")
+    paused_timeout_s: float = Field(600.0, gt=0, description="seconds a job may stay paused (its reader takes "
+                                    "nothing) before the engine cancels it and frees its KV region")
 
 
 class ParallelSettings(_Strict):

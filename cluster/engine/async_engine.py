@@ -20,6 +20,12 @@ engine (``Engine.cancel`` in the same FIFO thread, after any submit in flight), 
 engine accepted (``True``) always ends the stream with :class:`JobCancelled`, and a job the
 engine finished first ends normally. A bug in the step loop fails every waiting stream
 (:class:`JobFailed`) instead of leaving it hanging.
+
+Backpressure: a job whose reader has ``max_buffered_chunks`` clean chunks not yet taken from
+its stream is paused in the engine (``Engine.pause``: it keeps its KV region and admission
+slot, the steps go on without it, so other jobs keep their pace) and resumed when the reader
+takes one (``Engine.resume``); its chunks are the same bitwise. A job paused for
+``paused_timeout_s`` is cancelled (its stream ends with :class:`JobCancelled`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from cluster.config import EngineSettings
 from cluster.engine.compute import ComputeThread
 from cluster.engine.early_cancels import EarlyCancels
 from cluster.engine.errors import JobCancelled, JobFailed, JobNotFound
@@ -43,6 +50,7 @@ from stages.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 HISTORY = 256  # finished jobs whose stats stay queryable
+_DEFAULTS = EngineSettings()  # the one home of the backpressure defaults
 
 #: ``on_step(stats, step_s, events)``: called on the event loop after every engine step with
 #: ``Engine.stats()``, the step's wall time in seconds (None if no forward ran) and its events.
@@ -70,11 +78,18 @@ class AsyncEngine:
         on_step: optional :data:`StepObserver` (e.g. the replica's Prometheus metrics).
         history: finished jobs whose :meth:`stats` stay queryable (oldest forgotten first).
         early_cancels: memory of cancels that came before their job (default: 10 min, 4096 ids).
+        max_buffered_chunks: clean chunks a job's reader may leave untaken before the job is
+            paused (``engine.max_buffered_chunks``).
+        paused_timeout_s: seconds a job may stay paused before it is cancelled
+            (``engine.paused_timeout_s``).
     """
 
     def __init__(self, engine: Engine, on_step: StepObserver | None = None, history: int = HISTORY,
-                 early_cancels: EarlyCancels | None = None):
+                 early_cancels: EarlyCancels | None = None, *,
+                 max_buffered_chunks: int = _DEFAULTS.max_buffered_chunks,
+                 paused_timeout_s: float = _DEFAULTS.paused_timeout_s):
         self.engine = engine
+        self._max_buffered, self._paused_timeout_s = max_buffered_chunks, paused_timeout_s
         self._on_step = on_step
         self._history = history
         self._early_cancels = early_cancels or EarlyCancels()
@@ -100,7 +115,7 @@ class AsyncEngine:
         known = self._jobs.get(job_id)
         if known is not None and not known.ended:
             raise InvalidInput("job_id", f"job {job_id!r} is already queued or running")
-        rec = self._remember(JobStream(job_id))
+        rec = self._remember(JobStream(job_id, self._max_buffered))
         if self._early_cancels.consume(job_id):  # cancel(job_id) came first: never start it
             rec.end("cancelled")
             raise JobCancelled(job_id)
@@ -121,7 +136,8 @@ class AsyncEngine:
         """The events of a submitted job, in the engine's order: :class:`QueuePosition` while it
         waits (when queued and whenever its position changes), then ``Progress`` per denoising
         step and ``LatentChunk`` (float32 (C, T, H, W) scaled latent) per clean chunk. Ends
-        normally when the job is done. Read it once; leaving it early cancels the job.
+        normally when the job is done. Read it once; leaving it early cancels the job; not
+        reading pauses it (see the module docstring).
 
         Raises:
             JobNotFound: no such job here. JobCancelled: :meth:`cancel` stopped the job.
@@ -133,6 +149,8 @@ class AsyncEngine:
         finished = False
         try:
             while (event := await rec.queue.get()) is not None:
+                if rec.took(event):
+                    self._resume(rec)
                 yield event
             finished = True
         finally:
@@ -252,7 +270,25 @@ class AsyncEngine:
             rec.end(event.state, event.error)
         elif isinstance(event, (Progress, LatentChunk)):
             rec.chunks += isinstance(event, LatentChunk)
-            rec.queue.put_nowait(event)
+            if rec.put(event):
+                self._pause(rec)
+
+    def _pause(self, rec: JobStream) -> None:
+        """The reader is behind: the engine leaves the job out from its next step (FIFO)."""
+        timer = asyncio.get_running_loop().call_later(self._paused_timeout_s, self._paused_too_long, rec)
+        rec.set_paused(True, timer)
+        self._compute.submit(self.engine.pause, rec.job_id).add_done_callback(lambda f: f.exception())
+
+    def _resume(self, rec: JobStream) -> None:
+        rec.set_paused(False)
+        self._compute.submit(self.engine.resume, rec.job_id).add_done_callback(lambda f: f.exception())
+        self._kick()
+
+    def _paused_too_long(self, rec: JobStream) -> None:
+        if rec.paused and not rec.ended:
+            log.warning("job %s: paused %.0f s (its reader took nothing; engine.paused_timeout_s): cancelled",
+                        rec.job_id, self._paused_timeout_s)
+            self._cancel_soon(rec.job_id)
 
     def _send_position(self, rec: JobStream, position: int) -> None:
         if rec.position != position:

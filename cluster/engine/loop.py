@@ -10,6 +10,7 @@ Multi-job API (continuous batching; the deployment drives it from one compute th
         for event in engine.step():      # one step = every active job's window in ONE forward
             route(event.job_id, event)   # Progress | LatentChunk | JobAdmitted | JobFinished
     engine.cancel(job_id)                # leaves before the next step; KV region back in the pool
+    engine.pause(job_id) / engine.resume(job_id)   # sit out the steps (keeps its KV region and slot)
     engine.update_prompt(job_id, start_chunk, caption_embedding)   # InvalidInput("start_chunk")
     engine.snapshot(job_id) -> JobSnapshot; engine.submit(job, resume=snapshot)   # exact resume
     engine.stats() -> EngineStats        # active/queued jobs, KV pool use, step time, TTFC/TPOC
@@ -127,6 +128,7 @@ class Engine:
                                   forward=None if ranks is None else ShardedForward(ranks))
         self._admission = Admission(max_active_jobs, queue_limit, self.pool)
         self._pending: list = []  # lifecycle events produced between steps (cancel, admission at submit)
+        self._paused: set[str] = set()  # active jobs left out of the steps (pause / resume)
         self._steps, self._chunks = 0, 0
         self._job_steps = 0  # sum over steps of the jobs in each (for the retry hint)
         self._finished = {"done": 0, "cancelled": 0, "failed": 0}
@@ -242,8 +244,12 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        """True while a job is queued or active, or lifecycle events wait to be returned."""
-        return bool(self._admission.active or self._admission.queued or self._pending)
+        """True while a step would do something: an active job not paused, a job queued while
+        no active job is paused (else only a resume or a job leaving can admit it), or lifecycle
+        events waiting to be returned."""
+        active = self._admission.active
+        runnable = len(active) > len(self._paused) or (self._admission.queued and not self._paused)
+        return bool(runnable or self._pending)
 
     def queue_position(self, job_id: str) -> int | None:
         return self._admission.position(job_id)
@@ -275,6 +281,8 @@ class Engine:
             events.append(JobAdmitted(st.job_id, now - st.timings.submitted))
         items = []
         for st in self._admission.active:
+            if st.job_id in self._paused:
+                continue
             plan = st.sched.next_plan()
             if plan is None:  # finished without a pending step (defensive; jobs leave when done)
                 events.append(self._finish(st, "cancelled" if st.sched.cancelled else "done"))
@@ -311,6 +319,23 @@ class Engine:
             return False
         st.sched.cancel()
         self._pending.append(self._finish(st, "cancelled"))
+        return True
+
+    def pause(self, job_id: str) -> bool:
+        """Leave an active job out of the steps from the next one on, keeping its KV region and
+        admission slot (e.g. its reader is behind). Its outputs do not change: a job's chunks do
+        not depend on when it steps (noise seeded per (seed, chunk), windows per job). False if
+        the job is not active here (queued, finished or unknown)."""
+        if self._admission.get(job_id) is None or self._admission.position(job_id) is not None:
+            return False
+        self._paused.add(job_id)
+        return True
+
+    def resume(self, job_id: str) -> bool:
+        """Put a paused job back into the steps (from the next one). False if it was not paused."""
+        if job_id not in self._paused:
+            return False
+        self._paused.discard(job_id)
         return True
 
     def update_prompt(self, job_id: str, start_chunk: int, caption: CaptionEmbedding) -> None:
@@ -357,7 +382,8 @@ class Engine:
         """Snapshot of the engine's state and counters (:class:`cluster.engine.stats.EngineStats`)."""
         jobs = tuple(
             JobStat(st.job_id, st.state, self._admission.position(st.job_id), st.timings.steps, st.timings.chunks,
-                    st.timings.ttfc_s, st.timings.tpoc_s, 0 if st.ctx.kv is None else st.ctx.kv.reserved_bytes)
+                    st.timings.ttfc_s, st.timings.tpoc_s, 0 if st.ctx.kv is None else st.ctx.kv.reserved_bytes,
+                    paused=st.job_id in self._paused)
             for st in [*self._admission.active, *self._admission.queued]
         )
         pool = self.pool
@@ -369,6 +395,7 @@ class Engine:
             chunks_produced=self._chunks, jobs_finished=dict(self._finished),
             last_step_s=None if self.last_step is None else self.last_step.duration_s,
             step_s=self._step_h.snapshot(), ttfc_s=self._ttfc_h.snapshot(), tpoc_s=self._tpoc_h.snapshot(), jobs=jobs,
+            paused_jobs=len(self._paused),
         )
 
     def close(self) -> None:
@@ -380,6 +407,7 @@ class Engine:
     # ----- bookkeeping -----------------------------------------------------------
     def _finish(self, st: JobState, state: str, error: str | None = None) -> JobFinished:
         self._admission.remove(st.job_id)  # gives its region back
+        self._paused.discard(st.job_id)
         st.ctx.kv = None
         st.ctx.latents.clear()
         st.state, st.error = state, error

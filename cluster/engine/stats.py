@@ -125,6 +125,8 @@ class JobStat:
         total_forwards: forwards the whole job needs (None if endless or unknown).
         finished_at: ``time.time()`` when it left the engine, None while it runs.
         step_intervals: (start, end) ``time.time()`` of its most recent steps, oldest first.
+        paused: the engine holds it out of its steps (its reader is behind; KV region kept).
+        pauses: times it was paused so far (``AsyncEngine`` records; 0 in ``Engine.stats``).
     """
 
     job_id: str
@@ -138,6 +140,8 @@ class JobStat:
     total_forwards: int | None = None
     finished_at: float | None = None
     step_intervals: tuple[tuple[float, float], ...] = ()
+    paused: bool = False
+    pauses: int = 0
 
     @property
     def running(self) -> bool:
@@ -146,7 +150,8 @@ class JobStat:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Snapshot of the engine (see module docstring). Bytes are KV-pool bytes."""
+    """Snapshot of the engine (see module docstring). Bytes are KV-pool bytes; ``paused_jobs``
+    (counted in ``active_jobs``) hold their KV region but sit out the steps."""
 
     active_jobs: int
     queued_jobs: int
@@ -164,6 +169,7 @@ class EngineStats:
     ttfc_s: HistogramSnapshot
     tpoc_s: HistogramSnapshot
     jobs: tuple[JobStat, ...]
+    paused_jobs: int = 0
 
     @property
     def kv_pool_utilization(self) -> float:
