@@ -14,8 +14,9 @@ tests/serve/test_local_sockets.py). Ray 2.60 needs three settings for that:
 * ``http_options.host`` for Serve's HTTP proxy.
 * Serve's gRPC proxy (``ray/serve/_private/grpc_util.py`` ``start_grpc_server``) and
   each replica's inter-deployment gRPC server (``ray/serve/_private/replica.py``
-  ``_on_initialized``) bind ``[::]`` with no setting: :func:`bind_serve_servers`, a
-  ``worker_process_setup_hook`` run in every worker, rebinds them to ``host``.
+  ``_on_initialized``) bind ``[::]`` with no setting: the ``worker_process_setup_hook``
+  run in every worker (:func:`cluster.serve.ray_patches.setup_worker`) rebinds them to
+  ``host``; the same hook bounds Serve's streams (backpressure, README).
 
 With ``ray_address`` (or ``RAY_ADDRESS``) Serve is started on an existing cluster,
 whose addresses are its own business.
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.config import ServiceConfig
+from cluster.serve.ray_patches import BIND_HOST_ENV as _BIND_HOST_ENV
 
 _ROOT = Path(__file__).resolve().parents[2]  # repository root (holds cluster/, stages/, proto/)
 _ENV_DEFAULTS = {
@@ -42,7 +44,6 @@ _ENV_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 LOOPBACK = "127.0.0.1"
-_BIND_HOST_ENV = "MAGI_BIND_HOST"  # read by bind_serve_servers in the workers
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": node address 127.0.0.1 stays loopback
 _WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -75,31 +76,6 @@ def prepare_environment() -> None:
     paths = [str(_ROOT), str(_ROOT / "proto")]
     current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in current if p not in paths])
-
-
-def bind_serve_servers() -> None:
-    """``worker_process_setup_hook``: bind Serve's ``[::]`` gRPC servers to ``$MAGI_BIND_HOST``.
-
-    Ray Serve 2.60 hard-codes ``[::]`` for its gRPC proxy and the replicas'
-    inter-deployment servers (see the module docstring); both go through the two
-    helpers wrapped here, which receive the address string. A no-op without the variable.
-    """
-    host = os.environ.get(_BIND_HOST_ENV)
-    if not host:
-        return
-    from ray.serve._private import default_impl, replica  # noqa: PLC0415
-
-    default_impl.add_grpc_address = _rebound(default_impl.add_grpc_address, host)
-    replica.add_port_to_grpc_server = _rebound(replica.add_port_to_grpc_server, host)
-
-
-def _rebound(add_port: Callable, host: str) -> Callable:
-    bracketed = f"[{host}]" if ":" in host else host
-
-    def add(server, address: str):
-        return add_port(server, address.replace("[::]", bracketed, 1))
-
-    return add
 
 
 def _single_node() -> None:
@@ -189,7 +165,7 @@ class LocalService:
             object_store_memory=self.object_store_bytes,
             log_to_driver=False,
             logging_level=logging.WARNING if self.quiet else logging.INFO,
-            runtime_env={"worker_process_setup_hook": f"{__name__}.bind_serve_servers"} if bound else None,
+            runtime_env={"worker_process_setup_hook": "cluster.serve.ray_patches.setup_worker"},
         )
         self._started_ray = True
 

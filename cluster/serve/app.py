@@ -32,6 +32,12 @@ GRPC_SERVICER_FUNCTIONS = (
     "cluster.serve.servicers.add_health_to_server",
 )
 
+#: Deployments that stream a job (DiTEngine -> GrpcIngress -> proxy) run their user code on the
+#: replica's own event loop: Ray Serve 2.60 otherwise copies every yielded item into an
+#: unbounded queue, ahead of the reader (backpressure: :mod:`cluster.serve.ray_patches`).
+#: Their compute runs in threads (ComputeThread, asyncio.to_thread), not on that loop.
+OWN_LOOP = {"runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
+
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application builder: ``args`` is a :class:`ServiceConfig` as a dict.
@@ -43,9 +49,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     d = cfg.deployments
     text = _configure(TextEncoderDeployment, d.text_encoder).bind(cfg)
     bundles = rank_bundles(cfg.parallel, d.dit_engine)
-    dit = _configure(DiTEngineDeployment, d.dit_engine, bundles).bind(cfg)
+    dit = _configure(DiTEngineDeployment, d.dit_engine, bundles, streams=True).bind(cfg)
     vae = _configure(VaeDecoderDeployment, d.vae_decoder).bind(cfg)
-    return _configure(GrpcIngress, d.ingress).bind(cfg, text, dit, vae)
+    return _configure(GrpcIngress, d.ingress, streams=True).bind(cfg, text, dit, vae)
 
 
 def grpc_options(port: int) -> gRPCOptions:
@@ -58,14 +64,16 @@ def grpc_options(port: int) -> gRPCOptions:
     )
 
 
-def _configure(deployment, s: DeploymentSettings, bundles: list[dict[str, float]] | None = None):
+def _configure(deployment, s: DeploymentSettings, bundles: list[dict[str, float]] | None = None,
+               streams: bool = False):
     """Serve options of one deployment; ``bundles``: one placement-group bundle per rank of a
-    parallel DiTEngine replica (STRICT_PACK: all ranks on one node; the replica is in bundle 0)."""
+    parallel DiTEngine replica (STRICT_PACK: all ranks on one node; the replica is in bundle 0);
+    ``streams``: it streams jobs (user code on the replica's loop, :data:`OWN_LOOP`)."""
     extra = {} if bundles is None else {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
     return deployment.options(
         num_replicas=s.num_replicas,
         max_ongoing_requests=s.max_ongoing_requests,
         graceful_shutdown_timeout_s=s.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, **(OWN_LOOP if streams else {})},
         **extra,
     )

@@ -26,7 +26,9 @@ class DiTEngineDeployment:
     """Streams the events of jobs batched on one engine (see :meth:`run`)."""
 
     def __init__(self, cfg: ServiceConfig):
-        self._engine = AsyncEngine(start_engine(cfg), on_step=EngineMetrics().after_step)
+        self._engine = AsyncEngine(start_engine(cfg), on_step=EngineMetrics().after_step,
+                                   max_buffered_chunks=cfg.engine.max_buffered_chunks,
+                                   paused_timeout_s=cfg.engine.paused_timeout_s)
 
     async def run(self, job: EngineJob) -> AsyncIterator[QueuePosition | Progress | LatentChunk]:
         """Submit ``job`` and yield its events (:meth:`AsyncEngine.submit`, :meth:`AsyncEngine.events`;

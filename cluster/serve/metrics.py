@@ -10,6 +10,7 @@ name                                    kind       meaning
 ======================================  =========  ==================================================
 ``magi_engine_active_jobs``             gauge      jobs in the engine's batch
 ``magi_engine_queued_jobs``             gauge      jobs waiting for admission
+``magi_engine_paused_jobs``             gauge      active jobs paused (their reader is behind; KV kept)
 ``magi_engine_kv_pool_used_bytes``      gauge      KV-pool bytes held by jobs
 ``magi_engine_kv_pool_bytes``           gauge      KV-pool size, bytes
 ``magi_engine_kv_pool_used_blocks``     gauge      KV-pool blocks held by jobs
@@ -35,6 +36,7 @@ from cluster.messages import LatentChunk
 _GAUGES = {
     "active_jobs": "jobs in the DiT engine's batch",
     "queued_jobs": "jobs waiting for admission to the DiT engine",
+    "paused_jobs": "active jobs paused because their reader is behind (KV region kept)",
     "kv_pool_used_bytes": "KV-pool bytes held by jobs",
     "kv_pool_bytes": "KV-pool size in bytes",
     "kv_pool_used_blocks": "KV-pool blocks held by jobs",
@@ -66,7 +68,7 @@ class EngineMetrics:
                 ``timings["ttfc_s"]`` / ``timings["tpoc_s"]`` feed the histograms.
         """
         gauges = {
-            "active_jobs": stats.active_jobs, "queued_jobs": stats.queued_jobs,
+            "active_jobs": stats.active_jobs, "queued_jobs": stats.queued_jobs, "paused_jobs": stats.paused_jobs,
             "kv_pool_used_bytes": stats.kv_pool_used_bytes, "kv_pool_bytes": stats.kv_pool_bytes,
             "kv_pool_used_blocks": stats.kv_pool_blocks - stats.kv_pool_free_blocks,
         }
