@@ -2,11 +2,12 @@
 
     PYTHONPATH=.:proto python bench/e2e.py [--chunks 3] [--steps 0] [--repeats 3]
 
-In-process = the stages and the engine called directly in this process, one after
-the other (validate -> T5 -> engine steps -> VAE decode -> fMP4 mux per chunk),
-no Ray, no gRPC. Served = a local Ray + Serve instance (cluster.client.local) and a
-real gRPC client; the ingress overlaps the VAE decode of chunk k with the DiT's work
-on chunk k+1. Both run the same request (magi-tiny by default) after one warm-up
+In-process = the service's own job flow (:class:`cluster.pipeline.Pipeline`) over the
+stages and an AsyncEngine loaded in this process (:class:`cluster.pipeline.local.LocalPipeline`),
+no Ray, no gRPC. Served = a local Ray + Serve instance (cluster.client.local) and a real
+gRPC client, whose ingress runs the same Pipeline over Serve handles. Both overlap the VAE
+decode of chunk k with the DiT's work on chunk k+1, so the ratio is the cost of Ray + gRPC
+(deployment hops, serialization, the proxy). Both run the same request (magi-tiny by default) after one warm-up
 job each, alternating (in-process, served) so that background load on the machine
 hits both alike (the idle Ray processes stay up during the in-process runs); the
 figures are medians over ``--repeats`` pairs, measured at the caller:
@@ -15,13 +16,13 @@ figures are medians over ``--repeats`` pairs, measured at the caller:
     TPOC  = mean gap between consecutive chunks     (seconds)
     total = last byte of the job - request start    (seconds)
 
-and the ratio served total / in-process total is the serving overhead (below 1
-when the decode overlap gains more than Ray + gRPC cost). Not a test: it prints.
+and the ratio served total / in-process total is the serving overhead. Not a test: it prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import sys
@@ -47,41 +48,13 @@ class Timing:
         return Timing(chunk_times[0] - start, statistics.mean(gaps) if gaps else 0.0, end - start)
 
 
-class InProcess:
-    """The service's stages and engine loaded in this process (no Ray)."""
-
-    def __init__(self, cfg: ServiceConfig):
-        from cluster.engine import Engine
-        from stages.model_store import ensure_checkpoints
-        from stages.text_encoder import T5TextEncoder
-        from stages.vae.codec import VaeCodec
-        from stages.vae.weights import load_vae
-
-        self.cfg, self.model = cfg, cfg.load_model()
-        paths = ensure_checkpoints(self.model, cfg.checkpoint_root)
-        self.t5 = T5TextEncoder(paths.text_encoder, self.model.text_encoder)
-        self.engine = Engine.from_checkpoint(self.model, paths.dit)
-        self.codec = VaeCodec(load_vae(paths.vae, self.model.vae), self.model.vae, fps=self.model.sampling.fps)
-
-    def run(self, request, job_id: str) -> Timing:
-        from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk
-        from cluster.serve.stream import ChunkMuxer
-        from cluster.serve.validate import validate_request
-
-        start = time.perf_counter()
-        spec = validate_request(request, self.model, self.cfg.limits, job_id)
-        embeddings = self.t5.encode([s.text for s in spec.prompt_segments])
-        captions = tuple((s.start_chunk, CaptionEmbedding(*e)) for s, e in zip(spec.prompt_segments, embeddings))
-        run = self.engine.start(EngineJob(spec=spec, captions=captions))
-        muxer = ChunkMuxer(spec, self.model.sampling.fps)
-        chunk_times = []
-        while not run.done:
-            for event in run.step():
-                if isinstance(event, LatentChunk):
-                    frames = self.codec.decode(event.latent)
-                    muxer.mux(frames, last=event.index == spec.num_chunks - 1)
-                    chunk_times.append(time.perf_counter())
-        return Timing.from_chunk_times(start, chunk_times, time.perf_counter())
+async def _run_local(local, request) -> Timing:
+    """One job through the in-process pipeline; chunk times taken as the last part of each arrives."""
+    start, chunk_times = time.perf_counter(), []
+    async for msg in local.generate(request):
+        if msg.HasField("chunk") and msg.chunk.last_part:
+            chunk_times.append(time.perf_counter())
+    return Timing.from_chunk_times(start, chunk_times, time.perf_counter())
 
 
 def run_served(client: MagiClient, request) -> tuple[Timing, Timing]:
@@ -117,15 +90,20 @@ def main(argv: list[str] | None = None) -> int:
                            num_steps=args.steps, seed=1)
 
     from cluster.client.local import LocalService
+    from cluster.pipeline.local import LocalPipeline
 
-    local = InProcess(cfg)
+    local, loop = LocalPipeline(cfg), asyncio.new_event_loop()
     direct_runs, served_runs = [], []
-    with LocalService(cfg) as svc, MagiClient(svc.address) as client:
-        local.run(request, "warmup")
-        run_served(client, request)
-        for i in range(args.repeats):  # interleaved: background load hits both alike
-            direct_runs.append(local.run(request, f"bench-{i}"))
-            served_runs.append(run_served(client, request))
+    try:
+        with LocalService(cfg) as svc, MagiClient(svc.address) as client:
+            loop.run_until_complete(_run_local(local, request))
+            run_served(client, request)
+            for _ in range(args.repeats):  # interleaved: background load hits both alike
+                direct_runs.append(loop.run_until_complete(_run_local(local, request)))
+                served_runs.append(run_served(client, request))
+    finally:
+        loop.run_until_complete(local.close())
+        loop.close()
     direct = median(direct_runs)
     served, server_side = median([r[0] for r in served_runs]), median([r[1] for r in served_runs])
 
@@ -134,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeats} interleaved pairs (after 1 warm-up each); replica torch threads {threads}, "
           f"worker niceness {args.worker_niceness}")
     print(f"{'mode':<28}{'TTFC s':>9}{'TPOC s':>9}{'total s':>9}")
-    for name, t in (("in-process (sequential)", direct), ("gRPC + Serve (client)", served),
+    for name, t in (("in-process (Pipeline)", direct), ("gRPC + Serve (client)", served),
                     ("gRPC + Serve (server Done)", server_side)):
         print(f"{name:<28}{t.ttfc:>9.3f}{t.tpoc:>9.3f}{t.total:>9.3f}")
     print(f"serving overhead, end-to-end total served / in-process: {served.total / direct.total:.2f}x")

@@ -121,7 +121,7 @@ def _with_dtype(model: ModelConfig, dtype: str | None) -> ModelConfig:
 def max_prefix_chunks(cfg: ServiceConfig, model: ModelConfig) -> int:
     """Whole prefix chunks of the longest V2V prefix ``limits.max_prefix_frames`` admits
     (:func:`cluster.scheduler.chunks.prefix_split` of its latent frames, as
-    :func:`cluster.serve.stream.expected_frames` counts them)."""
+    :func:`cluster.pipeline.stream.expected_frames` counts them)."""
     sp = model.sampling
     return cfg.limits.max_prefix_frames // sp.temporal_downsample_factor // sp.chunk_width
 

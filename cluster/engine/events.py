@@ -7,11 +7,16 @@ lifecycle events below. Route them by ``job_id``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from cluster.messages import LatentChunk, Progress
+
 if TYPE_CHECKING:  # pragma: no cover
     from cluster.engine.prepare import JobState
+    from cluster.engine.runner import StepOutcome
+    from cluster.scheduler.plan import StepPlan
 
 
 class QueueView(Protocol):
@@ -105,3 +110,20 @@ class JobHandle:
 
     def __repr__(self) -> str:
         return f"JobHandle({self.job_id!r}, state={self.state!r}, chunks_emitted={self.chunks_emitted})"
+
+
+def job_events(st: "JobState", plan: "StepPlan", out: "StepOutcome", step_s: float) -> list:
+    """One job's events of a step: a ``Progress`` when it denoised (``chunk`` = oldest chunk in
+    flight relative to the first generated chunk, ``step`` 1..num_steps; none for the V2V prefix
+    extraction), then a ``LatentChunk`` per chunk that became clean (with its timings: the
+    step's wall time ``dit_step_s`` in seconds, TTFC / TPOC so far). Records the step."""
+    ctx, events = st.ctx, []
+    st.timings.steps += 1
+    den = plan.denoise_slots
+    if den:
+        events.append(Progress(st.job_id, den[0].chunk - ctx.chunk_offset, den[0].step_index + 1, ctx.num_steps))
+    now = time.perf_counter()
+    for chunk, latent in out.emitted.items():
+        timings = {"dit_step_s": step_s, **st.timings.chunk(now)}
+        events.append(LatentChunk(st.job_id, chunk - ctx.chunk_offset, latent, timings))
+    return events

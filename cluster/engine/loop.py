@@ -30,10 +30,6 @@ cancelled and failed jobs leave at once. A job's chunks are bitwise the same alo
 on CPU float32 (every chunk is its own attention group, projections of the condition and the
 captions run per window; tests/model/test_engine_batching.py). K/V: a fixed pool allocated at
 construction, one region per job (:mod:`stages.dit.kv_pool`, :mod:`cluster.engine.kv_layout`).
-
-Single-job API (kept for the deployment and the golden tests): ``Engine.start(job) -> JobRun``,
-``JobRun.step()`` runs that job alone (a batch of one), ``JobRun.cancel()`` / ``close()``.
-A JobRun takes its KV region at ``start`` (:class:`EngineBusy` if the pool is full).
 """
 
 from __future__ import annotations
@@ -47,12 +43,11 @@ import torch
 
 from cluster.engine import snapshot as snapshots
 from cluster.engine.errors import EngineBusy, JobNotFound
-from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo
+from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo, job_events
 from cluster.engine.kv_layout import JobKV
 from cluster.engine.prepare import JobPreparer, JobState
 from cluster.engine.ranks import RankGroup, ShardedForward, ShardedKVPool
 from cluster.engine.runner import BatchRunner, StepOutcome
-from cluster.engine.single import JobRun, job_events
 from cluster.engine.stats import EngineStats, Histogram, JobStat
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk
 from cluster.scheduler.admission import Admission, QueueFull
@@ -184,36 +179,6 @@ class Engine:
         if st.resume is not None:
             snapshots.restore(st, st.resume)
 
-    def _release_kv(self, st: JobState) -> None:
-        """Give a single-job run's region back (:class:`cluster.engine.single.JobRun`)."""
-        if st.ctx.kv is not None:
-            self.pool.release(st.ctx.kv.region)
-            st.ctx.kv = None
-
-    # ----- single-job API --------------------------------------------------------
-    def start(self, job: EngineJob, noise: torch.Tensor | None = None) -> JobRun:
-        """Prepare a job to be run on its own with :meth:`JobRun.step`.
-
-        Args:
-            job: the job (spec, caption embeddings per prompt segment, prefix latent).
-            noise: optional (C, T_total, h, w) or (1, C, T_total, h, w) initial noise of all
-                chunks (prefix chunks included), for parity with the reference's
-                ``torch.randn(latent_size)``; by default chunk c's noise comes from a
-                generator seeded by (seed, c).
-
-        Raises:
-            InvalidInput: a field the engine cannot use (named in the error).
-            EngineBusy: the KV pool has no room for the job now.
-        """
-        st = self.preparer.prepare(job, noise)
-        self._check_fits(st)
-        region = self.pool.alloc(st.blocks)
-        if region is None:
-            raise EngineBusy(queue_limit=0, active=len(self._admission.active), queued=len(self._admission.queued),
-                             retry_after_s=self._retry_hint())
-        self._activate(st, region)
-        return JobRun(st, self.runner, self._release_kv, self._update_prompt)
-
     # ----- multi-job API ---------------------------------------------------------
     def submit(self, job: EngineJob, noise: torch.Tensor | None = None, resume: "snapshots.JobSnapshot | None" = None
                ) -> JobHandle:
@@ -303,7 +268,6 @@ class Engine:
                 events.append(self._finish(st, "failed", f"{type(out).__name__}: {out}"))
                 continue
             st.sched.update(StepResult(global_step=plan.global_step, emitted=tuple(out.emitted)))
-            st.last_outcome = out
             job_ev = job_events(st, plan, out, dt)
             self._observe(job_ev)
             events.extend(job_ev)

@@ -32,8 +32,7 @@ class JobState:
     Attributes:
         ctx: tensors and KV of the job; sched: its chunk scheduler; areas: KV areas it needs;
         blocks: pool blocks of its region; timings: clock; state: "queued", "active",
-        "done", "cancelled" or "failed"; error: failure text; last_outcome: the most recent
-        step's :class:`cluster.engine.runner.StepOutcome`; resume: snapshot to restore on
+        "done", "cancelled" or "failed"; error: failure text; resume: snapshot to restore on
         admission (:mod:`cluster.engine.snapshot`).
     """
 
@@ -44,7 +43,6 @@ class JobState:
     timings: JobTimings = field(default_factory=JobTimings)
     state: str = "queued"
     error: str | None = None
-    last_outcome: Any = None
     resume: Any = None
 
     @property

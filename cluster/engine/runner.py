@@ -52,13 +52,10 @@ BRANCHES = ("main", "text", "uncond")
 
 @dataclass
 class StepOutcome:
-    """``emitted``: global chunk -> clean latent (C, frames, h, w) float32 CPU; ``x_in`` /
-    ``velocity``: the window input and combined velocity (C, K * chunk_width, h, w), for
-    tracing (velocity None for prefix extraction); ``windows``: branch windows run."""
+    """``emitted``: global chunk -> clean latent (C, frames, h, w) float32 CPU; ``windows``:
+    branch windows run; ``tokens``: query tokens of the job's windows."""
 
     emitted: dict[int, torch.Tensor] = field(default_factory=dict)
-    x_in: torch.Tensor | None = None
-    velocity: torch.Tensor | None = None
     windows: tuple[str, ...] = ()
     tokens: int = 0
 
@@ -157,7 +154,7 @@ class BatchRunner:
         if plan.denoise_slots:
             ctx.max_started = max(ctx.max_started, plan.denoise_slots[-1].chunk)
         if plan.is_prefix_extraction or n == 0:
-            return StepOutcome(x_in=win.x, velocity=None, windows=names, tokens=tokens)
+            return StepOutcome(windows=names, tokens=tokens)
         cw, den = ctx.chunk_width, plan.denoise_slots
         x_new = euler_step(win.x[:, -n * cw :], velocity[:, -n * cw :], [d.t for d in den], [d.t_next for d in den])
         for i, d in enumerate(den):
@@ -166,4 +163,4 @@ class BatchRunner:
         oldest = den[0].chunk
         for c in [c for c in ctx.latents if c < oldest]:
             del ctx.latents[c]
-        return StepOutcome(emitted=emitted, x_in=win.x, velocity=velocity, windows=names, tokens=tokens)
+        return StepOutcome(emitted=emitted, windows=names, tokens=tokens)

@@ -1,7 +1,6 @@
 """Building the ``Generate`` response stream: protobuf events, chunk muxing, TTFC/TPOC clock.
 
-Plain Python (no Ray): used by the ingress deployment and by the in-process
-benchmark, so both produce byte-identical streams.
+Plain Python (no Ray): the pieces :class:`cluster.pipeline.Pipeline` assembles the stream from.
 """
 
 from __future__ import annotations

@@ -3,18 +3,11 @@
 Method names are the gRPC method names (Serve routes ``/pkg.Service/Method`` to
 the ingress method ``Method``): ``Generate``, ``UpdatePrompt`` and ``Cancel``
 (magi.v1), ``Check`` (grpc.health.v1; ``Watch`` is not served). Reflection runs in
-the proxy itself (Serve's ``enable_reflection``). The stream of a job (DESIGN.md section 2)::
-
-    Accepted -> TextEncoder.encode (+ VaeDecoder.encode_image / encode_video)
-             -> DiTEngine.run ~~> [Queued position ...] Progress ..., LatentChunk k ...
-                 each LatentChunk k: VaeDecoder.decode(k) starts at once (a task),
-                 while the DiT stream keeps being consumed (decode k || DiT on k+1)
-             -> per chunk, in order: mux (fMP4 segment or raw RGB) -> Chunk parts
-             -> Done (TTFC, TPOC)
-
-Events go out in the order the engine produced them; a chunk takes its place in
-the stream at the moment its latent was produced, and waits only for its own
-decode. Requests arrive as raw bytes (:mod:`cluster.serve.servicers`) and are parsed
+the proxy itself (Serve's ``enable_reflection``). The ingress keeps the gRPC concerns (parse,
+drain gate, status mapping); a job's flow (DESIGN.md section 2: text encode, DiT stream, VAE
+decode overlapped with the DiT, mux, Done) is :class:`cluster.pipeline.Pipeline`, reaching the
+stage deployments through :class:`ServeStages`. Requests arrive as raw bytes
+(:mod:`cluster.serve.servicers`) and are parsed
 here: an unparsable one gets INVALID_ARGUMENT "request: not a valid ...". Failures map
 to statuses in :mod:`cluster.serve.errors` (INVALID_ARGUMENT naming the field,
 RESOURCE_EXHAUSTED with the retry hint, UNAVAILABLE for a lost replica, INTERNAL "internal
@@ -32,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import AsyncIterator
+from typing import AsyncGenerator, AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -41,8 +34,10 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ServiceConfig
 from cluster.engine import EngineBusy
-from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress, QueuePosition
-from cluster.serve import errors, stream
+from cluster.messages import CaptionEmbedding, EngineJob
+from cluster.pipeline import Pipeline, StreamClock
+from cluster.pipeline.flow import EngineEvent
+from cluster.serve import errors
 from cluster.serve.cancels import check_job_id
 from cluster.serve.drain import Gate, gated
 from cluster.serve.retry import RetryPacer
@@ -64,9 +59,9 @@ class GrpcIngress:
         self._cfg = cfg
         self._model = cfg.load_model()
         self._text = text_encoder
-        self._dit_unary = dit
-        self._dit = dit.options(stream=True)
-        self._vae = vae
+        self._dit = dit
+        self._pipeline = Pipeline(ServeStages(text_encoder, dit, vae), self._model, cfg.max_pending_decodes,
+                                  cfg.max_message_bytes)
         self._gate = Gate()  # closed by drain()
         self._pacer = RetryPacer(cfg.engine.max_active_jobs)  # spreads the retry hints
         self._probe = ServingProbe(serve.get_replica_context().app_name, dit.deployment_name)
@@ -98,13 +93,11 @@ class GrpcIngress:
             yield self._end(grpc_context, rid, exc)
 
     async def _generate(self, request: bytes) -> AsyncIterator[pb.GenerateResponse]:
-        clock = stream.StreamClock()
+        clock = StreamClock()
         req = parse_request(pb.GenerateRequest, request, self._cfg.limits)
         job_id = check_job_id(req.job_id) if req.job_id else uuid.uuid4().hex
         spec = await asyncio.to_thread(validate_request, req, self._model, self._cfg.limits, job_id)
-        yield stream.accepted(spec, self._model)
-        job = await self._engine_job(spec)
-        async for message in self._run(job, clock):
+        async for message in self._pipeline.generate(spec, clock):
             yield message
 
     def _end(self, grpc_context, rid: str, exc: Exception) -> pb.GenerateResponse:
@@ -135,7 +128,7 @@ class GrpcIngress:
             req = parse_request(pb.UpdatePromptRequest, request, self._cfg.limits)
             job_id, start_chunk, text = validate_update(req, self._cfg.limits)
             (caption,) = await self._text.encode.remote([text])
-            await self._dit_unary.update_prompt.remote(job_id, start_chunk, caption)
+            await self._dit.update_prompt.remote(job_id, start_chunk, caption)
         except Exception as exc:  # noqa: BLE001  (mapped to a status)
             errors.set_status(grpc_context, rid, "UpdatePrompt", exc)
             return pb.UpdatePromptResponse()
@@ -151,92 +144,43 @@ class GrpcIngress:
         rid = errors.request_id()
         try:
             job_id = check_job_id(parse_request(pb.CancelRequest, request, self._cfg.limits).job_id)
-            was_active = await self._dit_unary.cancel.remote(job_id)
+            was_active = await self._dit.cancel.remote(job_id)
         except Exception as exc:  # noqa: BLE001  (mapped to a status)
             errors.set_status(grpc_context, rid, "Cancel", exc)
             return pb.CancelResponse()
         return pb.CancelResponse(job_id=job_id, was_active=was_active)
 
-    async def _engine_job(self, spec: JobSpec) -> EngineJob:
-        """Caption embeddings (+ the conditioning latent) of a job, fetched concurrently."""
-        captions = self._text.encode.remote([seg.text for seg in spec.prompt_segments])
-        prefix = None
-        if spec.image is not None:
-            prefix = self._vae.encode_image.remote(spec.image)
-        elif spec.prefix_video is not None:
-            prefix = self._vae.encode_video.remote(spec.prefix_video)
-        embeddings: list[CaptionEmbedding] = await captions
-        return EngineJob(
-            spec=spec,
-            captions=tuple((seg.start_chunk, emb) for seg, emb in zip(spec.prompt_segments, embeddings)),
-            prefix_latent=None if prefix is None else await prefix,
-        )
 
-    async def _run(self, job: EngineJob, clock: stream.StreamClock) -> AsyncIterator[pb.GenerateResponse]:
-        spec = job.spec
-        queue: asyncio.Queue = asyncio.Queue()
-        slots = asyncio.Semaphore(self._cfg.max_pending_decodes)
-        dit_stream = self._dit.run.remote(job)
-        pump = asyncio.create_task(self._pump(dit_stream, queue, slots))
-        muxer = stream.ChunkMuxer(spec, self._model.sampling.fps)
-        decode = None
+class ServeStages:
+    """:class:`cluster.pipeline.Stages` as calls to the stage deployments (Serve handles)."""
+
+    def __init__(self, text_encoder: DeploymentHandle, dit: DeploymentHandle, vae: DeploymentHandle):
+        self._text, self._dit, self._vae = text_encoder, dit, vae
+        self._dit_stream = dit.options(stream=True)
+
+    async def encode_text(self, texts) -> list[CaptionEmbedding]:
+        return await self._text.encode.remote(list(texts))
+
+    async def encode_image(self, image):
+        return await self._vae.encode_image.remote(image)
+
+    async def encode_video(self, frames):
+        return await self._vae.encode_video.remote(frames)
+
+    async def run(self, job: EngineJob) -> AsyncGenerator[EngineEvent, None]:
+        """``DiTEngine.run`` (a stream); closing this generator early cancels the stream."""
+        dit_stream = self._dit_stream.run.remote(job)
         finished = False
         try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, pb.GenerateResponse):
-                    yield item
-                    continue
-                index, decode = item
-                frames = await decode
-                data = await asyncio.to_thread(muxer.mux, frames, index == spec.num_chunks - 1)
-                slots.release()
-                clock.chunk_sent(len(frames))
-                for part in stream.chunk_parts(index, len(frames), data, spec.output_format,
-                                               self._cfg.max_message_bytes):
-                    yield part
-            finished = True
-            yield clock.done()
-        finally:
-            if not finished and not pump.done():  # the DiT stream is open: stop the engine's work
-                dit_stream.cancel()
-                self._dit_unary.cancel.remote(spec.job_id)  # explicit, not only via the stream
-            pump.cancel()
-            _cancel_decodes(decode, queue)
-
-    async def _pump(self, dit_stream, queue: asyncio.Queue, slots: asyncio.Semaphore) -> None:
-        """Consume the DiT stream into ``queue``: Progress messages and (index, decode task)."""
-        try:
             async for event in dit_stream:
-                if isinstance(event, Progress):
-                    queue.put_nowait(stream.progress(event))
-                elif isinstance(event, QueuePosition):
-                    queue.put_nowait(pb.GenerateResponse(queued=pb.Queued(position=event.position)))
-                elif isinstance(event, LatentChunk):
-                    await slots.acquire()
-                    decode = asyncio.ensure_future(self._decode(event.latent, event.job_id))
-                    queue.put_nowait((event.index, decode))
-            queue.put_nowait(None)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001  (re-raised by the consumer)
-            queue.put_nowait(exc)
+                yield event
+            finished = True
+        finally:
+            if not finished:
+                dit_stream.cancel()
 
-    async def _decode(self, latent, job_id: str):
+    async def cancel(self, job_id: str) -> bool:
+        return await self._dit.cancel.remote(job_id)
+
+    async def decode(self, latent, job_id: str):
         return await self._vae.decode.remote(latent, job_id)
-
-
-def _cancel_decodes(current: asyncio.Future | None, queue: asyncio.Queue) -> None:
-    """Cancel the decode being awaited and those still queued (a no-op for finished ones)."""
-    pending = [current] + [item[1] for item in _drain(queue) if isinstance(item, tuple)]
-    for task in pending:
-        if task is not None:
-            task.cancel()
-
-
-def _drain(queue: asyncio.Queue) -> list:
-    items = []
-    while not queue.empty():
-        items.append(queue.get_nowait())
-    return items

@@ -1,4 +1,4 @@
-"""MAGI-1 DiT: model (:class:`MagiDiT`, one window or many packed windows), range-attention
+"""MAGI-1 DiT: model (:class:`MagiDiT`, packed windows), range-attention
 backends, the KV pool, checkpoint I/O.
 
 ``stages.dit.weights`` holds ``load_dit`` / ``write_tiny_checkpoint``; ``stages.dit.manifest``
@@ -10,6 +10,5 @@ the expected state_dict layouts and ``verify_checkpoint`` (CLI entry points ``ma
 from stages.dit.kv_pool import KVPool, PoolRegion
 from stages.dit.model import MagiDiT
 from stages.dit.packed import DenseKV, PackedWindow
-from stages.dit.window_forward import DiTInput, DiTOutput
 
-__all__ = ["DenseKV", "DiTInput", "DiTOutput", "KVPool", "MagiDiT", "PackedWindow", "PoolRegion"]
+__all__ = ["DenseKV", "KVPool", "MagiDiT", "PackedWindow", "PoolRegion"]

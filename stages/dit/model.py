@@ -1,16 +1,13 @@
 """MAGI-1 DiT (reference ``VideoDiTModel``) as a plain nn.Module over a packed chunk window.
 
-One call of :meth:`MagiDiT.forward` is one reference ``VideoDiTModel.forward`` generalised
-to a *window* of K chunks packed along time without a batch dim, each chunk with its own
-timestep, caption, key range and RoPE segment (:mod:`stages.dit.window_forward`: the
-:class:`~stages.dit.window_forward.DiTInput` / :class:`~stages.dit.window_forward.DiTOutput` records).
-
-:meth:`MagiDiT.forward_packed` is the engine's form: many such windows (jobs x guidance
-branches, each possibly of its own size) packed as variable-length sequences into one call,
-every layer writing the windows' K/V into a packed key buffer (the engine's KV pool,
-:mod:`stages.dit.kv_pool`) and attending over it in place with per-chunk key ranges
-(:mod:`stages.dit.packed`, :mod:`stages.dit.attention`). ``forward`` is the one-window
-special case with a private buffer (:func:`stages.dit.window_forward.forward_window`).
+One *window* (:class:`stages.dit.packed.PackedWindow`) is one reference ``VideoDiTModel.forward``
+generalised to K chunks packed along time without a batch dim, each chunk with its own
+timestep, caption, key range and RoPE segment. :meth:`MagiDiT.forward_packed` runs many such
+windows (jobs x guidance branches, each possibly of its own size) packed as variable-length
+sequences in one call, every layer writing the windows' K/V into a packed key buffer (the
+engine's KV pool, :mod:`stages.dit.kv_pool`, or a one-off :class:`stages.dit.packed.DenseKV`)
+and attending over it in place with per-chunk key ranges (:mod:`stages.dit.packed`,
+:mod:`stages.dit.attention`).
 
 No CFG, distillation schedule, env reads or distributed state live here; the engine
 (:mod:`cluster.engine.runner`) decides the inputs. Quirks of the reference reproduced on
@@ -39,7 +36,6 @@ from stages.dit.flash_attention import default_backend
 from stages.dit.layers import LayerContext, TransformerLayer
 from stages.dit.packed import KVBuffers, PackedWindow
 from stages.dit.step import LATENT_CHANNELS, AbsentLayer, pack_step, unpatchify
-from stages.dit.window_forward import DiTInput, DiTOutput, forward_window
 from stages.dtypes import torch_dtype
 
 
@@ -180,12 +176,6 @@ class MagiDiT(nn.Module):
         return self.x_embedder(x.unsqueeze(0))
 
     # ----- forward ----------------------------------------------------------------
-    def forward(self, inp: DiTInput) -> DiTOutput:
-        """Run the DiT over one window: :func:`stages.dit.window_forward.forward_window`
-        (:class:`~stages.dit.window_forward.DiTInput` -> :class:`~stages.dit.window_forward.DiTOutput`;
-        raises as documented there)."""
-        return forward_window(self, inp)
-
     def tokens_per_chunk(self, frames: int, h: int, w: int) -> int:
         """Tokens of one chunk of ``frames`` latent frames of size (h, w) latent pixels
         (:meth:`stages.config.DiTConfig.tokens_per_chunk`)."""

@@ -11,8 +11,8 @@ Windows never see each other's tokens. Attention groups (:class:`stages.dit.atte
 are single chunks, in self-attention (a chunk's queries read only its key ranges) and in
 cross-attention (a chunk's queries read only its own caption's valid tokens): a chunk's output
 depends on no other chunk's caption and on nothing else in the batch, bit for bit (the
-chunk-wise prompt and batching exactness tests rely on it). The one-window
-:meth:`stages.dit.model.MagiDiT.forward` keeps one cross-attention call per window (masked),
+chunk-wise prompt and batching exactness tests rely on it). A one-off forward with
+``cross_per_chunk=False`` keeps one cross-attention call per window (masked),
 the numerics its parity tests (fp8) were pinned with; both are the same attention.
 Per-window quantities (adaLN condition, gates, caption projections) are computed per window so
 that a window's numbers do not depend on what else is in the batch.

@@ -87,6 +87,31 @@ def forward_window(model: MagiDiT, x, t, y, y_mask, kv_range, caption_dropout=No
         return model.forward_packed([window], keys, cross_per_chunk=False)[0]
 
 
+def forward_with_history(model: MagiDiT, x, t, y, y_mask, kv_range, caption_dropout, segments=None, history=None,
+                         return_kv=()) -> tuple[torch.Tensor, dict]:
+    """One window over keys = [history | window] (a private :class:`DenseKV`, history copied in).
+
+    Args: as :func:`forward_window`; kv_range indexes [history | window] tokens; segments
+        ((num_chunks, rope_frame_offset), ...) or None; history per-layer (k, v), each (Sh, G, Dh);
+        return_kv: window chunk indices whose per-layer K/V to return.
+    Returns: (velocity (C_out, T, H, W) float32, {chunk: [(k, v) per layer]}).
+    """
+    cfg, k = model.cfg, int(t.shape[0])
+    tpc = model.tokens_per_chunk(x.shape[1] // k, x.shape[2], x.shape[3])
+    hist = 0 if not history else int(history[0][0].shape[0])
+    buf = DenseKV(cfg.num_layers, hist + k * tpc, cfg.num_query_groups, cfg.kv_channels, model.params_dtype,
+                  model.device, history)
+    window = PackedWindow(x=x, t=t, y=y, y_mask=y_mask, caption_dropout=caption_dropout,
+                          key_ranges=[[(int(a), int(b))] for a, b in kv_range.tolist()],
+                          kv_dest=[hist + i * tpc for i in range(k)], segments=segments)
+    with torch.no_grad():
+        velocity = model.forward_packed([window], buf, cross_per_chunk=False)[0]
+    spans = {i: slice(hist + i * tpc, hist + (i + 1) * tpc) for i in return_kv}
+    kv = {i: [(kb[sp].clone(), vb[sp].clone()) for kb, vb in (buf.layer(n) for n in range(cfg.num_layers))]
+          for i, sp in spans.items()}
+    return velocity, kv
+
+
 def sf_distill_dt(kwargs: dict, k: int) -> torch.Tensor:
     """Reference ``get_embedding_and_meta`` distill dt: num_steps / 4 * 2, or 4 / distill_interval * 2
     for the 12-step shortcut schedule (golden README, "cfg_number = 1")."""
@@ -140,6 +165,12 @@ class ForwardRecorder:
         out = self.inner(windows, kv)
         self.calls.extend((w, v.clone()) for w, v in zip(windows, out))
         return out
+
+
+def job_state(engine: Engine, job_id: str):
+    """The engine-side :class:`cluster.engine.prepare.JobState` of a queued or active job (white-box
+    tests: its context, scheduler and KV ring)."""
+    return engine._admission.get(job_id)
 
 
 def case_job(case: str, meta: dict, tensors: dict, mc: ModelConfig) -> EngineJob:

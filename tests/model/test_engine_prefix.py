@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from cluster.engine import Engine
-from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, PromptSegment
+from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress, PromptSegment
 from cluster.scheduler.plan import SlotRole
 from stages.config import magi_tiny
 from stages.dit.weights import load_dit, write_tiny_checkpoint
+from tests.model.dit_fixtures import ForwardRecorder, job_state
 
 SIZE = 64  # video pixels: 8x8 latents keep the runs short
 
@@ -33,18 +34,25 @@ def _job(cfg, prefix: torch.Tensor) -> EngineJob:
 
 
 def _run(engine, job):
-    run = engine.start(job)
-    steps, kv_after_first, first_denoise, chunks = 0, None, None, []
-    while not run.done:
-        events = run.step()
-        steps += 1
-        if kv_after_first is None:
-            kv_after_first = list(run.kv_chunks)
-        out = run.last_outcome
-        if first_denoise is None and out is not None and out.velocity is not None:
-            first_denoise = out.x_in
-        chunks += [e for e in events if isinstance(e, LatentChunk)]
-    return run, steps, kv_after_first, first_denoise, chunks
+    """Run ``job`` alone; returns (its handle, its JobState, steps, K/V chunks held after the first
+    step, the main window input of the first denoising step, its LatentChunks)."""
+    recorder = ForwardRecorder(engine)
+    try:
+        handle = engine.submit(job)
+        st = job_state(engine, job.spec.job_id)
+        steps, kv_after_first, first_denoise, chunks = 0, None, None, []
+        while engine.has_work:
+            events = engine.step()
+            steps += bool(recorder.calls)
+            if kv_after_first is None:
+                kv_after_first = list(st.ctx.kv.chunks)
+            if first_denoise is None and any(isinstance(e, Progress) for e in events):
+                first_denoise = recorder.calls[0][0].x
+            recorder.calls = []
+            chunks += [e for e in events if isinstance(e, LatentChunk)]
+    finally:
+        engine.runner.forward_packed = recorder.inner
+    return handle, st, steps, kv_after_first, first_denoise, chunks
 
 
 @pytest.mark.parametrize("prefix_frames,offset,leftover", [(6, 1, 0), (15, 2, 3)])
@@ -53,9 +61,9 @@ def test_prefix_length_comes_from_the_job(engine, prefix_frames, offset, leftove
     cw, h, w = cfg.sampling.chunk_width, SIZE // 8, SIZE // 8
     video = torch.randn(16, 15, h, w, generator=torch.Generator().manual_seed(9))
     prefix = video[:, :prefix_frames]
-    run, steps, kv_first, x_first, chunks = _run(engine, _job(cfg, prefix))
-    assert run._ctx.chunk_offset == offset and run._ctx.prefix_frames == prefix_frames
-    assert steps == run.total_forwards + 1  # + the prefix K/V extraction step
+    handle, st, steps, kv_first, x_first, chunks = _run(engine, _job(cfg, prefix))
+    assert st.ctx.chunk_offset == offset and st.ctx.prefix_frames == prefix_frames
+    assert steps == handle.total_forwards + 1  # + the prefix K/V extraction step
     assert kv_first == list(range(offset))  # every whole prefix chunk's K/V written at step 0
     assert [c.index for c in chunks] == [0]
     assert chunks[0].latent.shape == (16, cw - leftover, h, w)  # prefix frames of the chunk are cut
@@ -68,8 +76,8 @@ def test_two_prefix_lengths_give_different_continuations(engine):
     cfg = engine.model_cfg
     h, w = SIZE // 8, SIZE // 8
     video = torch.randn(16, 12, h, w, generator=torch.Generator().manual_seed(4))
-    short = _run(engine, _job(cfg, video[:, :6]))[4][0].latent
-    long = _run(engine, _job(cfg, video))[4][0].latent
+    short = _run(engine, _job(cfg, video[:, :6]))[5][0].latent
+    long = _run(engine, _job(cfg, video))[5][0].latent
     assert short.shape == long.shape
     assert (short - long).abs().max() > 1e-3
 
@@ -77,7 +85,10 @@ def test_two_prefix_lengths_give_different_continuations(engine):
 def test_plan_has_one_prefix_slot_per_whole_prefix_chunk(engine):
     cfg = engine.model_cfg
     h, w = SIZE // 8, SIZE // 8
-    run = engine.start(_job(cfg, torch.zeros(16, 13, h, w)))
-    plan = run._sched.next_plan()
+    job = _job(cfg, torch.zeros(16, 13, h, w))
+    engine.submit(job)
+    plan = job_state(engine, job.spec.job_id).sched.next_plan()
     assert plan.is_prefix_extraction and [s.role for s in plan.slots] == [SlotRole.PREFIX] * 2
-    run.cancel()
+    assert engine.cancel(job.spec.job_id)
+    engine.step()  # its JobFinished
+    assert not engine.has_work

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 from cluster.engine import Engine
 from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, LatentChunk, Progress, PromptSegment
 from stages.errors import InvalidInput
+from tests.model.dit_fixtures import job_state
 from tests.model.engine_fixtures import tiny  # noqa: F401  (the shared magi-tiny DiT fixture)
 
 
@@ -26,16 +30,18 @@ def _job(cfg, num_chunks, seed=7, captions=None, num_steps=None, **kw) -> Engine
 
 
 def _run(engine, job):
-    run = engine.start(job)
+    """Run ``job`` alone to its end; returns (its handle, its events)."""
+    handle = engine.submit(job)
     events = []
-    while not run.done:
-        events.extend(run.step())
-    return run, events
+    while engine.has_work:
+        events.extend(e for e in engine.step() if getattr(e, "job_id", None) == job.spec.job_id)
+    return handle, events
 
 
 def test_two_chunks_stream_in_order_with_shapes(tiny):
     cfg, dit = tiny
-    run, events = _run(Engine(cfg, dit), _job(cfg, 2))
+    engine = Engine(cfg, dit)
+    run, events = _run(engine, _job(cfg, 2))
     chunks = [e for e in events if isinstance(e, LatentChunk)]
     assert [c.index for c in chunks] == [0, 1]
     sp = cfg.sampling
@@ -51,7 +57,7 @@ def test_two_chunks_stream_in_order_with_shapes(tiny):
     first_emit = events.index(chunks[0])
     assert isinstance(events[first_emit - 1], Progress) and events[first_emit - 1].step == sp.num_steps
     assert events.index(chunks[0]) < events.index(chunks[1])
-    assert run.kv_chunks == [] and run.step() == []
+    assert run.state == "done" and not engine.has_work and engine.stats().kv_pool_free_blocks == engine.pool.num_blocks
 
 
 def test_chunk_noise_is_per_chunk_and_past_chunks_do_not_see_future(tiny):
@@ -80,12 +86,14 @@ def test_prompt_segment_applies_from_its_start_chunk(tiny):
 def test_kv_ring_stays_bounded_on_long_job(tiny):
     cfg, dit = tiny
     sp = cfg.sampling
-    run = Engine(cfg, dit).start(_job(cfg, 7, num_steps=4))
-    most = 0
-    while not run.done:
-        run.step()
-        most = max(most, len(run.kv_chunks))
-        assert run.kv_chunks == sorted(run.kv_chunks)
+    engine, job = Engine(cfg, dit), _job(cfg, 7, num_steps=4)
+    engine.submit(job)
+    st, most = job_state(engine, job.spec.job_id), 0
+    while engine.has_work:
+        engine.step()
+        if st.ctx.kv is not None:
+            most = max(most, len(st.ctx.kv.chunks))
+            assert st.ctx.kv.chunks == sorted(st.ctx.kv.chunks)
     print(f"KV ring: at most {most} chunks held")
     # window W = 4 chunks in flight and the widest KV range R = 5 chunks: only R - W clean
     # chunks below the window are ever read (the reference would keep all 6 clean chunks)
@@ -96,14 +104,16 @@ def test_endless_stream_until_cancelled(tiny):
     cfg, dit = tiny
     job = _job(cfg, 1, num_steps=4)
     spec = type(job.spec)(**{**job.spec.__dict__, "num_chunks": None})
-    run = Engine(cfg, dit).start(EngineJob(spec, job.captions))
+    engine = Engine(cfg, dit)
+    run = engine.submit(EngineJob(spec, job.captions))
     assert run.num_chunks is None and run.total_forwards is None
     got = []
     while len(got) < 2:
-        got += [e.index for e in run.step() if isinstance(e, LatentChunk)]
+        got += [e.index for e in engine.step() if isinstance(e, LatentChunk)]
     assert got == [0, 1] and not run.done
-    run.cancel()
-    assert run.done and run.step() == [] and run.kv_chunks == []
+    assert engine.cancel(run.job_id)
+    assert run.state == "cancelled" and engine.stats().kv_pool_free_blocks == engine.pool.num_blocks
+    assert [type(e).__name__ for e in engine.step()] == ["JobFinished"] and not engine.has_work
 
 
 def test_v2v_prefix_and_i2v_image(tiny):
@@ -126,11 +136,32 @@ def test_bad_inputs_name_the_field(tiny):
     cfg, dit = tiny
     engine = Engine(cfg, dit)
     with pytest.raises(InvalidInput) as err:
-        engine.start(_job(cfg, 1, num_steps=6))
+        engine.submit(_job(cfg, 1, num_steps=6))
     assert err.value.field == "num_steps"
     with pytest.raises(InvalidInput) as err:
-        engine.start(EngineJob(_job(cfg, 1).spec, ((0, CaptionEmbedding(torch.zeros(4, 3), torch.ones(4))),)))
+        engine.submit(EngineJob(_job(cfg, 1).spec, ((0, CaptionEmbedding(torch.zeros(4, 3), torch.ones(4))),)))
     assert err.value.field == "captions"
     with pytest.raises(InvalidInput) as err:
-        engine.start(EngineJob(_job(cfg, 1).spec, _job(cfg, 1).captions, prefix_latent=torch.zeros(16, 1, 3, 3)))
+        engine.submit(EngineJob(_job(cfg, 1).spec, _job(cfg, 1).captions, prefix_latent=torch.zeros(16, 1, 3, 3)))
     assert err.value.field == "prefix_latent"
+
+
+def test_steps_keep_no_window_tensors_alive(tiny):
+    """Issue 10.5: every job kept its last step's window input and velocity (``last_outcome``)
+    alive between steps, for tracing only. After a step, no branch window input of it survives."""
+    cfg, dit = tiny
+    engine, inputs = Engine(cfg, dit), []
+    forward = engine.runner.forward_packed
+
+    def recording(windows, kv):
+        inputs.extend(weakref.ref(w.x) for w in windows)
+        return forward(windows, kv)
+
+    engine.runner.forward_packed = recording
+    job = _job(cfg, 3, num_steps=4)
+    engine.submit(job)
+    for _ in range(2):
+        engine.step()
+    gc.collect()
+    assert job_state(engine, job.spec.job_id).state == "active" and inputs
+    assert [ref for ref in inputs if ref() is not None] == []

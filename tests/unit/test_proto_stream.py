@@ -6,7 +6,7 @@ import pytest
 from cluster.client import cli
 from cluster.client.sdk import make_request
 from cluster.messages import JobSpec, OutputFormat, PromptSegment, Progress
-from cluster.serve import stream
+from cluster.pipeline import stream
 from magi.v1 import generate_pb2 as pb
 from stages.config import magi_tiny
 
