@@ -277,11 +277,11 @@ class AsyncEngine:
         """The reader is behind: the engine leaves the job out from its next step (FIFO)."""
         timer = asyncio.get_running_loop().call_later(self._paused_timeout_s, self._paused_too_long, rec)
         rec.set_paused(True, timer)
-        self._compute.submit(self.engine.pause, rec.job_id).add_done_callback(lambda f: f.exception())
+        self._soon(self.engine.pause, rec.job_id)
 
     def _resume(self, rec: JobStream) -> None:
         rec.set_paused(False)
-        self._compute.submit(self.engine.resume, rec.job_id).add_done_callback(lambda f: f.exception())
+        self._soon(self.engine.resume, rec.job_id)
         self._kick()
 
     def _paused_too_long(self, rec: JobStream) -> None:
@@ -297,8 +297,12 @@ class AsyncEngine:
 
     def _cancel_soon(self, job_id: str) -> None:
         """Cancel in the engine without waiting (after every call already submitted)."""
-        self._compute.submit(self.engine.cancel, job_id).add_done_callback(lambda f: f.exception())
+        self._soon(self.engine.cancel, job_id)
         self._kick()
+
+    def _soon(self, call: Callable[[str], bool], job_id: str) -> None:
+        """``call(job_id)`` in the compute thread after every call already submitted, unawaited."""
+        self._compute.submit(call, job_id).add_done_callback(lambda f: f.exception())
 
     def _abandon(self, rec: JobStream, submitted: asyncio.Future) -> None:
         """The submitter went away during its submit: cancel the job if the engine took it."""
@@ -311,7 +315,7 @@ class AsyncEngine:
         for rec in list(self._jobs.values()):
             if not rec.ended:
                 rec.end("failed", reason)
-                self._compute.submit(self.engine.cancel, rec.job_id).add_done_callback(lambda f: f.exception())
+                self._soon(self.engine.cancel, rec.job_id)
 
     def _remember(self, rec: JobStream) -> JobStream:
         finished = [job_id for job_id, r in self._jobs.items() if r.ended]

@@ -16,7 +16,7 @@ from serve_helpers import poll
 pytestmark = pytest.mark.serve
 
 PREFIX = "ray_magi_engine_"
-GAUGES = ("active_jobs", "queued_jobs", "kv_pool_used_bytes", "kv_pool_bytes", "kv_pool_used_blocks")
+GAUGES = ("active_jobs", "queued_jobs", "paused_jobs", "kv_pool_used_bytes", "kv_pool_bytes", "kv_pool_used_blocks")
 HISTOGRAMS = ("step_seconds", "ttfc_seconds", "tpoc_seconds")
 
 
@@ -55,10 +55,10 @@ def test_engine_metrics_reach_prometheus_after_a_job(run_job, service):
         now = scrape()
         grown = chunks_produced(now) - chunks_produced(before) >= job.done.num_chunks
         counted = all(now.get(f"{h}_count", 0) > before.get(f"{h}_count", 0) for h in HISTOGRAMS)
-        return now if grown and counted else None
+        return now if grown and counted and all(g in now for g in GAUGES) else None
 
     after = poll(exported, timeout_s=90.0)
     assert after is not None, f"Ray did not export the job's metrics: {scrape()}"
     assert all(after[f"{h}_sum"] > 0 for h in HISTOGRAMS)
-    assert all(g in after for g in GAUGES)
+    assert [g for g in GAUGES if g not in after] == [], sorted(after)
     assert after["kv_pool_bytes"] > 0 and 0 <= after["kv_pool_used_bytes"] <= after["kv_pool_bytes"]
