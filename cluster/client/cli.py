@@ -2,7 +2,8 @@
 
     magi generate --prompt "a cat playing piano" --chunks 3 -o out.mp4
         (no --address: starts an embedded local Ray + Serve with magi-tiny, runs the
-        job through gRPC, shuts everything down)
+        job through gRPC, shuts everything down; --in-process: the same job flow in this
+        process, no Ray, no gRPC)
     magi generate --prompt TEXT --prompt-from 2:"the cat sleeps" --address HOST:PORT -o out.mp4
     magi serve [--config ray_serve.yaml] [--host IP]   (local Ray on loopback, or the cluster in RAY_ADDRESS;
         SIGTERM / Ctrl-C drain: new jobs refused, running streams finish, then everything stops)
@@ -16,6 +17,7 @@ Exit status: 0 ok, 1 service error (message printed), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import signal
 import sys
@@ -64,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=["fmp4", "raw"], default="fmp4",
                      help="fmp4: playable MP4; raw: uint8 RGB frames (F, H, W, 3)")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output file (written as chunks arrive)")
-    gen.add_argument("--address", help="HOST:PORT of a running service (default: start a local one)")
+    where = gen.add_mutually_exclusive_group()
+    where.add_argument("--address", help="HOST:PORT of a running service (default: start a local one)")
+    where.add_argument("--in-process", action="store_true",
+                       help="run the job in this process (cluster.pipeline, no Ray, no gRPC)")
     gen.add_argument("--config", type=Path, help="service config for the local service (ray_serve.yaml)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -116,6 +121,8 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a seed out of the proto's range
         print(f"magi: {exc}", file=sys.stderr)
         return 2
+    if args.in_process:
+        return _generate_in_process(args, request)
     with contextlib.ExitStack() as stack:
         address = args.address
         if address is None:
@@ -125,6 +132,36 @@ def _generate(args: argparse.Namespace) -> int:
             address = stack.enter_context(LocalService(_load_config(args.config), quiet=True)).address
         client = stack.enter_context(MagiClient(address, retry=RetryPolicy()))
         return _run_job(client, request, args.output, quiet=args.quiet)
+
+
+def _generate_in_process(args: argparse.Namespace, request) -> int:
+    """The job through :class:`cluster.pipeline.local.LocalPipeline` (the service's own job flow)."""
+    from cluster.pipeline.local import LocalPipeline  # noqa: PLC0415  (imports torch)
+    from stages.errors import InvalidInput  # noqa: PLC0415
+
+    async def run() -> int:
+        async with LocalPipeline(_load_config(args.config)) as local:
+            view = ProgressView(disable=args.quiet)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            done = None
+            with open(args.output, "wb") as f, view:
+                async for msg in local.generate(request):
+                    if msg.HasField("chunk"):
+                        f.write(msg.chunk.data)
+                    done = msg.done if msg.HasField("done") else done
+                    view.update(msg)
+        print(f"wrote {args.output} ({done.total_frames} frames, {done.num_chunks} chunks)")
+        print(f"TTFC {done.ttfc_s:.3f} s, TPOC {done.tpoc_s:.3f} s, total {done.total_s:.3f} s")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except InvalidInput as exc:
+        print(f"magi: INVALID_ARGUMENT: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # asyncio.run cancelled the job (the pipeline cancels it in the engine)
+        print("magi: cancelled", file=sys.stderr)
+        return 130
 
 
 def _run_job(client: MagiClient, request, output: Path, quiet: bool) -> int:
