@@ -59,6 +59,7 @@ from stages.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 DEFAULT_ROPE_HORIZON_CHUNKS = 32
+MIN_RETRY_HINT_S = 0.1  # the retry hint's floor (seconds)
 
 
 class Engine:
@@ -405,4 +406,4 @@ class Engine:
                 if st.sched.total_forwards is not None]
         if not self._job_steps or not left:
             return 1.0
-        return max(0.1, snap.sum / self._job_steps * len(self._admission.active) * min(left))
+        return max(MIN_RETRY_HINT_S, snap.sum / self._job_steps * len(self._admission.active) * min(left))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.engine import Engine, EngineBusy
+from cluster.engine.loop import MIN_RETRY_HINT_S
 from tests.model.engine_fixtures import make_job, run_alone, tiny  # noqa: F401
 
 
@@ -24,4 +25,5 @@ def test_hint_scales_with_the_jobs_in_the_batch(tiny):
         engine.submit(make_job("late", 1, seed=9))
     one_job_step = steps.sum / steps.count
     assert full.value.active == batch
-    assert full.value.retry_after_s == pytest.approx(one_job_step * batch * handles[0].total_forwards)
+    assert full.value.retry_after_s == pytest.approx(
+        max(MIN_RETRY_HINT_S, one_job_step * batch * handles[0].total_forwards))
