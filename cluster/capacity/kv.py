@@ -7,8 +7,8 @@ G_rank, Dh). The numbers come from the same functions the engine uses:
 * block = one chunk at the model's default size: ``block_tokens =
   DiTConfig.tokens_per_chunk(chunk_width, height / 8, width / 8)`` (``Engine.__init__``);
 * a job's region: :func:`cluster.scheduler.kv_areas.default_job_areas` (the areas of
-  :func:`cluster.scheduler.kv_areas.kv_areas`: ``main`` [ring | window] + ``text`` + ``uncond``
-  for cfg_number 3 = 14 chunks at the shipped settings, ``main`` + ``extra`` = 6 for distilled
+  :func:`cluster.scheduler.kv_areas.kv_areas`: ``history`` [ring | window] + ``text`` + ``uncond``
+  for cfg_number 3 = 14 chunks at the shipped settings, ``history`` + ``self_only`` = 6 for distilled
   models), in blocks by :func:`cluster.scheduler.kv_areas.job_blocks` (``ceil(chunks * tpc /
   block_tokens)``, so a job smaller than the default size still takes whole blocks);
 * bytes per token per rank: :meth:`stages.dit.kv_pool.KVPool.bytes_per_token` with the

@@ -193,8 +193,8 @@ def explain(plan: FitPlan) -> str:
     row("free", plan.free_bytes)
     row(f"KV budget ({s.kv_pool_fraction:.0%} of free)", plan.kv_pool_budget_bytes)
     a = kv.areas
-    parts = " + ".join(f"{n} {name}" for name, n in (("main", a.main), ("text", a.text), ("uncond", a.uncond),
-                                                      ("extra", a.extra)) if n)
+    parts = " + ".join(f"{n} {name}" for name, n in (("history", a.history), ("text", a.text), ("uncond", a.uncond),
+                                                      ("self_only", a.self_only)) if n)
     row(f"KV per job ({a.total} chunks: {parts} -> {kv.blocks_per_job} blocks)", plan.kv_bytes_per_job)
     lines.append(f"    block = {kv.block_tokens} tokens x {kv.layers_per_rank} layers x {kv.groups_per_rank} KV groups"
                  f" x {kv.head_dim} x K,V = {format_bytes(kv.block_bytes, 'MiB')}")

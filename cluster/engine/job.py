@@ -162,11 +162,9 @@ class JobContext:
         prefix: (C, P, h, w) scaled prefix latent (I2V image / V2V video) or None.
         chunk_offset: whole prefix chunks (P // chunk_width).
         num_steps: denoising steps per chunk.
-        kv: the job's K/V in the engine's pool (:class:`cluster.engine.kv_layout.JobKV`), None
-            until the job is admitted.
+        kv: the job's K/V in the engine's pool (:class:`cluster.engine.kv_layout.JobKV`; its
+            ``ring`` says where they are and holds the RoPE base), None until the job is admitted.
         latents: global chunk -> (C, chunk_width, h, w) latent of chunks in flight.
-        rope_base: global chunk at RoPE time position 0 (engine RoPE policy, see
-            :mod:`cluster.engine.runner`); 0 = absolute positions (the reference).
         max_started: highest global chunk that has entered a window (its caption is in use).
     """
 
@@ -181,7 +179,6 @@ class JobContext:
     num_steps: int
     kv: Any = None
     latents: dict[int, torch.Tensor] = field(default_factory=dict)
-    rope_base: int = 0
     max_started: int = -1
 
     @property

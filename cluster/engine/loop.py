@@ -19,7 +19,7 @@ Multi-job API (continuous batching; the deployment drives it from one compute th
 Options (``Engine(...)``): ``max_active_jobs``, ``queue_limit``, ``kv_pool_blocks``,
 ``batch_cfg`` (guidance branches in one forward), ``max_forward_tokens`` (split a step into
 forwards of bounded size), ``rope_horizon_chunks`` (RoPE policy for long streams,
-:mod:`cluster.engine.runner`), ``kv_keep_all`` (reference-style whole-video KV; baseline).
+:mod:`cluster.scheduler.kv_ring`), ``kv_keep_all`` (reference-style whole-video KV; baseline).
 Not thread-safe: call every method from one thread (e.g. the deployment's compute thread).
 
 Scheduling: admission is FIFO and bounded by ``max_active_jobs`` and the KV pool
@@ -51,7 +51,8 @@ from cluster.engine.runner import BatchRunner, StepOutcome
 from cluster.engine.stats import EngineStats, Histogram, JobStat
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk
 from cluster.scheduler.admission import Admission, QueueFull
-from cluster.scheduler.plan import StepResult
+from cluster.scheduler.kv_ring import KVRing
+from cluster.scheduler.step_plan import EngineStepPlan, JobPlan, plan_step, update_job
 from stages.config import ModelConfig
 from stages.dit.kv_pool import KVPool
 from stages.dit.model import MagiDiT
@@ -77,7 +78,7 @@ class Engine:
         kv_pool_blocks: KV-pool size in blocks (a block = one chunk at the model's default
             size); default: room for ``max_active_jobs`` default-size jobs.
         batch_cfg: guidance branches in one forward (False: one forward per branch kind).
-        rope_horizon_chunks: RoPE re-basing horizon (:mod:`cluster.engine.runner`), >=
+        rope_horizon_chunks: RoPE re-basing horizon (:mod:`cluster.scheduler.kv_ring`), >=
             window_size + max(noise2clean_kvrange); None = absolute positions (reference).
         kv_keep_all: keep every chunk's K/V (reference behaviour; memory grows with length).
         max_forward_tokens: split a step into forwards of at most this many query tokens
@@ -119,8 +120,8 @@ class Engine:
                                dtype=self.dit.params_dtype, device=self.device)
         else:
             self.pool = ShardedKVPool(ranks, num_blocks=blocks, block_tokens=block)
-        self.runner = BatchRunner(self.dit, sp, self.pool, batch_cfg=batch_cfg, rope_horizon_chunks=rope_horizon_chunks,
-                                  max_forward_tokens=max_forward_tokens,
+        self.rope_horizon_chunks = rope_horizon_chunks
+        self.runner = BatchRunner(self.dit, sp, self.pool, batch_cfg=batch_cfg, max_forward_tokens=max_forward_tokens,
                                   forward=None if ranks is None else ShardedForward(ranks))
         self._admission = Admission(max_active_jobs, queue_limit, self.pool)
         self._pending: list = []  # lifecycle events produced between steps (cancel, admission at submit)
@@ -168,14 +169,14 @@ class Engine:
         if self.preparer.keep_all:
             name = "num_chunks"
         else:
-            name = "prefix_latent" if st.ctx.chunk_offset >= st.areas.main else "height"
+            name = "prefix_latent" if st.ctx.chunk_offset >= st.areas.history else "height"
         raise InvalidInput(name, f"the job needs {st.blocks} KV-pool blocks, the engine's pool has {self.pool.num_blocks} "
                                  "(Engine kv_pool_blocks)")
 
     def _activate(self, st: JobState, region) -> None:
         """Give an admitted job its K/V in ``region`` and restore its snapshot, if any."""
         st.ctx.kv = JobKV(self.pool, region, self.dit.tokens_per_chunk(st.ctx.chunk_width, st.ctx.latent_h,
-                                                                         st.ctx.latent_w), st.areas, self.preparer.keep_all)
+                                                                         st.ctx.latent_w), KVRing(st.areas, self.preparer.keep_all))
         st.state, st.timings.admitted = "active", time.perf_counter()
         if st.resume is not None:
             snapshots.restore(st, st.resume)
@@ -245,31 +246,52 @@ class Engine:
         for st in self._admission.admit():
             self._activate(st, self._admission.region(st.job_id))
             events.append(JobAdmitted(st.job_id, now - st.timings.submitted))
-        items = []
-        for st in self._admission.active:
-            if st.job_id in self._paused:
-                continue
-            plan = st.sched.next_plan()
-            if plan is None:  # finished without a pending step (defensive; jobs leave when done)
-                events.append(self._finish(st, "cancelled" if st.sched.cancelled else "done"))
-            else:
-                items.append((st, plan))
-        if not items:
+        plan, left = self._plan()
+        events.extend(left)
+        if not plan.jobs:
             return events
+        items = [(self._admission.get(jp.job_id), jp) for jp in plan.jobs]
+        outcomes, dt = self._execute(items)
+        events.extend(self._update(items, outcomes, dt))
+        return events
+
+    def _plan(self) -> tuple[EngineStepPlan, list]:
+        """plan: the scheduler's step plan over the active jobs not paused
+        (:func:`cluster.scheduler.step_plan.plan_step`), and the events of jobs that leave
+        without running (finished, or their KV state cannot serve the next window)."""
+        runnable = [st for st in self._admission.active if st.job_id not in self._paused]
+        plan = plan_step([(st.job_id, st.sched, st.ctx.kv.ring) for st in runnable], self.rope_horizon_chunks)
+        events = []
+        for job_id in plan.finished:
+            st = self._admission.get(job_id)
+            events.append(self._finish(st, "cancelled" if st.sched.cancelled else "done"))
+        for job_id, err in plan.failed:
+            events.append(self._finish(self._admission.get(job_id), "failed", f"{type(err).__name__}: {err}"))
+        return plan, events
+
+    def _execute(self, items: list[tuple[JobState, JobPlan]]) -> tuple[list, float]:
+        """execute: every planned job in one packed forward (:class:`BatchRunner`); per job its
+        outcome or the exception that failed it, and the step's seconds."""
         started = time.perf_counter()
         try:
-            outcomes = self.runner.run([(st.ctx, plan) for st, plan in items])
+            outcomes = self.runner.run([(st.ctx, jp) for st, jp in items])
         except Exception as err:  # noqa: BLE001 - the replica survives; the step's jobs fail
             log.exception("engine step failed")
             outcomes = [err] * len(items)
         dt = time.perf_counter() - started
         self._record_step(items, outcomes, dt)
-        for (st, plan), out in zip(items, outcomes):
+        return outcomes, dt
+
+    def _update(self, items: list[tuple[JobState, JobPlan]], outcomes: list, dt: float) -> list:
+        """update: per job the scheduler and KV ring move on
+        (:func:`cluster.scheduler.step_plan.update_job`); its events, a ``JobFinished`` if it ended."""
+        events = []
+        for (st, jp), out in zip(items, outcomes):
             if isinstance(out, BaseException):
                 events.append(self._finish(st, "failed", f"{type(out).__name__}: {out}"))
                 continue
-            st.sched.update(StepResult(global_step=plan.global_step, emitted=tuple(out.emitted)))
-            job_ev = job_events(st, plan, out, dt)
+            update_job(st.sched, st.ctx.kv.ring, jp, out.emitted)
+            job_ev = job_events(st, jp.window, out, dt)
             self._observe(job_ev)
             events.extend(job_ev)
             if st.sched.done:

@@ -68,7 +68,7 @@ def take(st: JobState) -> JobSnapshot:
         job_id=st.job_id, steps_done=sched.steps_done,
         prefix_done=sched.chunk_offset > 0 and (sched.steps_done > 0 or bool(ctx.kv.chunks)),
         chunks_emitted=len(sched.emitted), latents={c: t.cpu().clone() for c, t in ctx.latents.items()},
-        kv=ctx.kv.export(), rope_base=ctx.rope_base, max_started=ctx.max_started,
+        kv=ctx.kv.export(), rope_base=ctx.kv.ring.rope_base, max_started=ctx.max_started,
         segments=tuple((s, y.cpu().clone(), m.cpu().clone()) for s, y, m in ctx.captions.segments),
     )
 
@@ -94,6 +94,6 @@ def restore(st: JobState, snap: JobSnapshot) -> None:
     dev = ctx.captions.null_y.device  # the engine's device
     ctx.latents = {c: t.to(dev).clone() for c, t in snap.latents.items()}
     ctx.kv.load(snap.kv)
-    ctx.rope_base, ctx.max_started = snap.rope_base, snap.max_started
+    ctx.kv.ring.rope_base, ctx.max_started = snap.rope_base, snap.max_started
     ctx.captions.segments = [(s, y.to(dev), m.to(dev)) for s, y, m in snap.segments]
     ctx.captions._cache.clear()

@@ -1,21 +1,18 @@
 """Model-input windows of one job's step and its guidance branches as packed windows.
 
-Reference ``SampleTransport.forward_velocity`` (window assembly, ``try_pad_prefix_video``) and
-``VideoDiTModel.forward_dispatcher`` / ``forward_3cfg`` (branches). Each branch of a job's
-step becomes one :class:`stages.dit.packed.PackedWindow`; the engine packs the windows of all
-branches of all active jobs into one DiT forward (:mod:`cluster.engine.runner`).
+Reference ``SampleTransport.forward_velocity`` (window assembly, ``try_pad_prefix_video``). Which
+guidance branches run is decided by :func:`stages.sampling.select_branches`; each becomes one
+:class:`stages.dit.packed.PackedWindow` here, with the K/V slots of the job's
+:class:`cluster.scheduler.kv_ring.KVRing` (areas named in :mod:`cluster.scheduler.kv_areas`):
 
-Branches (the K/V locations come from the job's :class:`cluster.engine.kv_layout.JobKV`):
+* the history branch (:func:`stages.sampling.history_branch`) reads and writes ``history``;
+* ``cond_prev_text`` of cfg 3 reads the ring from ``history`` and writes its window to ``text``;
+* ``uncond``: every denoising chunk alone (RoPE restarting at 0) in ``uncond``;
+* cfg 1 with ``self_only``: a self-only copy of the first denoising chunk is appended to the
+  history window (RoPE positions continue after the window, a reference quirk), in ``self_only``.
 
-* cfg_number 3: ``main`` = ``cond_prev`` (null caption + history, adaLN null row -1, K/V
-  persisted), ``text`` = ``cond_prev_text`` (captions + history, row -2), ``uncond`` (every
-  DENOISE chunk alone, null caption, RoPE restarting at 0, row -1). A branch whose guidance
-  weight is 0 for every chunk (text_scale 0; prev_chunk_scale 1 for ``uncond``) is left out:
-  it contributes ``0 * v`` to :func:`stages.sampling.combine_cfg3`.
-* cfg_number 1: ``main`` (captions + history, row -2, K/V persisted); when
-  ``plan.distill_nearly_clean_chunk``, a self-only copy of the first DENOISE chunk is
-  appended to the same window (RoPE positions continue after the window, a reference quirk).
-The clean re-forward and prefix chunks always get the null caption.
+Denoising chunks get the caption in ``cond_prev_text`` and the null caption elsewhere; the clean
+re-forward and prefix chunks always get the null caption.
 """
 
 from __future__ import annotations
@@ -26,10 +23,11 @@ import torch
 
 from cluster.engine.job import JobContext
 from cluster.scheduler.plan import ChunkSlot, SlotRole, StepPlan
+from cluster.scheduler.step_plan import JobPlan
 from stages.config import SamplingConfig
 from stages.dit.model import MagiDiT
 from stages.dit.packed import PackedWindow
-from stages.sampling import cfg_scales, distill_step_size
+from stages.sampling import Branch, Guidance, distill_step_size, history_branch, select_branches
 
 
 @dataclass
@@ -59,18 +57,16 @@ class Window:
 
 @dataclass
 class JobStep:
-    """One job's share of an engine step: its window, branch windows and, after the
-    forward, their velocities (``velocity[name]`` (C, T_branch, h, w))."""
+    """One job's share of an engine step: its window, the guidance it runs, the branch windows
+    and, after the forward, their velocities (``velocity[branch]`` (C, T_branch, h, w))."""
 
     ctx: JobContext
     plan: StepPlan
     win: Window
     n: int
-    branches: dict[str, PackedWindow] = field(default_factory=dict)
-    prev_scale: torch.Tensor | None = None
-    text_scale: torch.Tensor | None = None
-    extra: bool = False
-    velocity: dict[str, torch.Tensor] = field(default_factory=dict)
+    guidance: Guidance
+    branches: dict[Branch, PackedWindow] = field(default_factory=dict)
+    velocity: dict[Branch, torch.Tensor] = field(default_factory=dict)
 
 
 class WindowBuilder:
@@ -98,7 +94,7 @@ class WindowBuilder:
             ctx.latents[slot.chunk] = ctx.noise.chunk(slot.chunk, self.device)
         return ctx.latents[slot.chunk]
 
-    def window(self, plan: StepPlan, ctx: JobContext) -> Window:
+    def window(self, plan: StepPlan, ctx: JobContext, rope_base: int) -> Window:
         """Assemble the window (reference steps 3-6 of ``forward_velocity``).
 
         Raises:
@@ -112,7 +108,7 @@ class WindowBuilder:
         t = torch.tensor([s.t for s in slots], dtype=torch.float32)
         if not plan.is_prefix_extraction:
             self._pad_prefix(x, t, first * cw, ctx)
-        return Window(slots, x, t.to(self.device), self.tokens_per_chunk(ctx), (first - ctx.rope_base) * cw)
+        return Window(slots, x, t.to(self.device), self.tokens_per_chunk(ctx), (first - rope_base) * cw)
 
     @staticmethod
     def _pad_prefix(x: torch.Tensor, t: torch.Tensor, start: int, ctx: JobContext) -> None:
@@ -128,29 +124,33 @@ class WindowBuilder:
             t[:whole] = 1.0
 
     # ----- branches ---------------------------------------------------------------
-    def job_step(self, plan: StepPlan, ctx: JobContext) -> JobStep:
-        """The window and the branch windows of ``plan`` (see module docstring).
+    def job_step(self, jp: JobPlan, ctx: JobContext) -> JobStep:
+        """The window and the branch windows of ``jp`` (see module docstring).
 
         Raises:
-            RuntimeError: the plan reads K/V the job does not hold, or DENOISE slots do not
-                close the window.
+            RuntimeError: a clean chunk's latent is missing, or DENOISE slots do not close the window.
         """
-        ctx.kv.prepare(plan)
-        win = self.window(plan, ctx)
+        plan = jp.window
+        win = self.window(plan, ctx, jp.rope_base)
         den = plan.denoise_slots
         n = len(den)
         if [s.chunk for s in win.slots[win.k - n :]] != [s.chunk for s in den]:
             raise RuntimeError(f"plan {plan.global_step}: DENOISE slots must close the window")
-        step = JobStep(ctx, plan, win, n)
-        if self.sampling.cfg_number == 3:
-            self._cfg3(step)
-        else:
-            self._cfg1(step)
+        g = select_branches(self.sampling, win.t[win.k - n :], plan.distill_nearly_clean_chunk)
+        step = JobStep(ctx, plan, win, n, g)
+        for b in g.branches:
+            if b is history_branch(g.cfg_number):
+                step.branches[b] = self._history(step, b)
+            elif b is Branch.COND_PREV_TEXT:
+                step.branches[b] = self._full(step, b, [ctx.kv.ring.text_ranges(s.kv_range, win.first) for s in win.slots],
+                                              [ctx.kv.ring.text_slot(i) for i in range(win.k)])
+            else:
+                step.branches[b] = self._uncond(step)
         return step
 
-    def _captions(self, step: JobStep, null: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _captions(self, step: JobStep, branch: Branch) -> tuple[torch.Tensor, torch.Tensor]:
         book = step.ctx.captions
-        pairs = [book.caption(s.chunk) if (s.role is SlotRole.DENOISE and not null) else (book.null_y, book.null_mask)
+        pairs = [book.caption(s.chunk) if (s.role is SlotRole.DENOISE and branch.uses_caption) else (book.null_y, book.null_mask)
                  for s in step.win.slots]
         return (torch.stack([p[0] for p in pairs]).to(self.device), torch.stack([p[1] for p in pairs]).to(self.device))
 
@@ -161,53 +161,43 @@ class WindowBuilder:
         dt = distill_step_size(step.ctx.num_steps, step.plan.distill_interval)
         return torch.full((k,), dt, dtype=torch.float32, device=self.device)
 
-    def _full(self, step: JobStep, *, null: bool, dropout: bool, text: bool) -> PackedWindow:
+    def _full(self, step: JobStep, branch: Branch, slot_ranges: list, dest_slots: list[int]) -> PackedWindow:
+        """Window of ``branch`` over the whole window (history or text branch)."""
         win, kv = step.win, step.ctx.kv
-        y, mask = self._captions(step, null)
-        if text:
-            ranges = [kv.text_ranges(s, win.first) for s in win.slots]
-            dest = [kv.text_pos(i) for i in range(win.k)]
-        else:
-            ranges = [kv.main_ranges(s) for s in win.slots]
-            dest = [kv.main_pos(s.chunk) for s in win.slots]
+        y, mask = self._captions(step, branch)
         return PackedWindow(
-            x=win.x, t=win.t, y=y, y_mask=mask, caption_dropout=torch.full((win.k,), dropout, dtype=torch.bool),
-            key_ranges=ranges, kv_dest=dest, segments=((win.k, win.rope_offset),), distill_dt=self._distill_dt(step, win.k),
+            x=win.x, t=win.t, y=y, y_mask=mask,
+            caption_dropout=torch.full((win.k,), not branch.uses_caption, dtype=torch.bool),
+            key_ranges=[kv.token_ranges(r) for r in slot_ranges], kv_dest=[kv.pos(d) for d in dest_slots],
+            segments=((win.k, win.rope_offset),), distill_dt=self._distill_dt(step, win.k),
         )
 
-    def _cfg3(self, step: JobStep) -> None:
-        step.branches["main"] = self._full(step, null=True, dropout=True, text=False)
-        n, win, ctx = step.n, step.win, step.ctx
-        if n == 0:
-            return
-        sp = self.sampling
-        p, s = cfg_scales(win.t[-n:].cpu(), sp.cfg_t_range, sp.prev_chunk_scales, sp.text_scales)
-        step.prev_scale, step.text_scale = p, s
-        if bool((s != 0).any()):
-            step.branches["text"] = self._full(step, null=False, dropout=False, text=True)
-        if bool((p != 1).any()):
-            cw, tpc, kv = ctx.chunk_width, win.tpc, ctx.kv
-            book = ctx.captions
-            step.branches["uncond"] = PackedWindow(
-                x=win.x[:, -n * cw :], t=win.t[-n:], y=book.null_y.expand(n, -1, -1).to(self.device),
-                y_mask=book.null_mask.expand(n, -1).to(self.device), caption_dropout=torch.ones(n, dtype=torch.bool),
-                key_ranges=[[(kv.uncond_pos(j), kv.uncond_pos(j) + tpc)] for j in range(n)],
-                kv_dest=[kv.uncond_pos(j) for j in range(n)], segments=((1, 0),) * n, distill_dt=self._distill_dt(step, n),
-            )
+    def _history(self, step: JobStep, branch: Branch) -> PackedWindow:
+        """The history branch's window; cfg 1 with ``self_only``: plus the self-only copy of the
+        first denoising chunk (reference ``slice_start``)."""
+        win, n, ring = step.win, step.n, step.ctx.kv.ring
+        w = self._full(step, branch, [ring.history_ranges(s.kv_range) for s in win.slots],
+                       [ring.history_slot(s.chunk) for s in win.slots])
+        if not step.guidance.self_only:
+            return w
+        kv, j, cw = step.ctx.kv, win.k - n, step.ctx.chunk_width
+        seg, one = slice(j * cw, (j + 1) * cw), slice(j, j + 1)
+        pos = kv.pos(ring.self_only_slot())
+        return PackedWindow(
+            x=torch.cat([w.x, w.x[:, seg]], dim=1), t=torch.cat([w.t, w.t[one]]), y=torch.cat([w.y, w.y[one]]),
+            y_mask=torch.cat([w.y_mask, w.y_mask[one]]), caption_dropout=torch.cat([w.caption_dropout, w.caption_dropout[one]]),
+            key_ranges=[*w.key_ranges, [(pos, pos + win.tpc)]], kv_dest=[*w.kv_dest, pos],
+            segments=((win.k + 1, win.rope_offset),), distill_dt=self._distill_dt(step, win.k + 1),
+        )
 
-    def _cfg1(self, step: JobStep) -> None:
-        main = self._full(step, null=False, dropout=False, text=False)
-        win, n, kv = step.win, step.n, step.ctx.kv
-        if step.plan.distill_nearly_clean_chunk and n > 0:
-            j, cw = win.k - n, step.ctx.chunk_width  # first DENOISE slot (reference slice_start)
-            seg = slice(j * cw, (j + 1) * cw)
-            main = PackedWindow(
-                x=torch.cat([main.x, main.x[:, seg]], dim=1), t=torch.cat([main.t, main.t[j : j + 1]]),
-                y=torch.cat([main.y, main.y[j : j + 1]]), y_mask=torch.cat([main.y_mask, main.y_mask[j : j + 1]]),
-                caption_dropout=torch.cat([main.caption_dropout, main.caption_dropout[j : j + 1]]),
-                key_ranges=[*main.key_ranges, [(kv.extra_pos(), kv.extra_pos() + win.tpc)]],
-                kv_dest=[*main.kv_dest, kv.extra_pos()], segments=((win.k + 1, win.rope_offset),),
-                distill_dt=self._distill_dt(step, win.k + 1),
-            )
-            step.extra = True
-        step.branches["main"] = main
+    def _uncond(self, step: JobStep) -> PackedWindow:
+        """``uncond``: every denoising chunk alone, null caption, RoPE from 0."""
+        n, win, ctx = step.n, step.win, step.ctx
+        cw, tpc, kv, book = ctx.chunk_width, win.tpc, ctx.kv, ctx.captions
+        pos = [kv.pos(kv.ring.uncond_slot(j)) for j in range(n)]
+        return PackedWindow(
+            x=win.x[:, -n * cw :], t=win.t[-n:], y=book.null_y.expand(n, -1, -1).to(self.device),
+            y_mask=book.null_mask.expand(n, -1).to(self.device), caption_dropout=torch.ones(n, dtype=torch.bool),
+            key_ranges=[[(p, p + tpc)] for p in pos], kv_dest=pos, segments=((1, 0),) * n,
+            distill_dt=self._distill_dt(step, n),
+        )

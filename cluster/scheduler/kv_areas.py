@@ -1,10 +1,11 @@
 """How many chunks of K/V one job's KV-pool region holds, per area (plain Python, no torch).
 
-Areas (their placement inside the region: :mod:`cluster.engine.kv_layout`): ``main`` = the
-ring of clean chunks later plans still read plus the window of the branch whose K/V are kept
-(cfg_number 3: the null-caption history branch; cfg_number 1: the one forward); ``text`` =
-the text-guided branch's window (cfg 3, W + 1 chunks); ``uncond`` = the unconditional
-branch's chunks (cfg 3, W); ``extra`` = the distillation blend's self-only chunk (cfg 1, 1).
+Areas (their placement inside the region: :mod:`cluster.scheduler.kv_ring`): ``history`` = the
+ring of clean chunks later plans still read plus the window of the history branch
+(:func:`stages.sampling.history_branch`: cfg_number 3 ``cond_prev``, cfg_number 1
+``cond_prev_text``); ``text`` = the ``cond_prev_text`` window of cfg 3 (W + 1 chunks);
+``uncond`` = the ``uncond`` branch's chunks (cfg 3, W); ``self_only`` = the distillation
+blend's self-only chunk (cfg 1, 1).
 The engine, the fit planner (:mod:`cluster.capacity.kv`) and admission all size a job by
 these functions.
 """
@@ -23,32 +24,32 @@ from stages.config import SamplingConfig
 class KVAreas:
     """Chunk capacities of the areas of one job's region (see module docstring)."""
 
-    main: int
+    history: int
     text: int = 0
     uncond: int = 0
-    extra: int = 0
+    self_only: int = 0
 
     @property
     def total(self) -> int:
-        return self.main + self.text + self.uncond + self.extra
+        return self.history + self.text + self.uncond + self.self_only
 
 
-def main_span(spec: StaggerSpec) -> int:
+def history_span(spec: StaggerSpec) -> int:
     """Most chunks [kv_keep_from, window end) any forward of ``spec``'s endless walk needs
     (and the prefix chunks of a V2V prefix extraction). The walk is periodic once the window
-    is full, so stages up to W + max range + 2 cover every case."""
+    is full, so stagger indices up to W + max range + 2 cover every case."""
     walk = spec.endless
     ranges = [*walk.noise2clean_kvrange, max(1, walk.clean_chunk_kvrange)]
-    stages = walk.window_size + max(ranges) + 2
+    indices = walk.window_size + max(ranges) + 2
     span = walk.chunk_offset
-    for g in range(walk.per * stages):
+    for g in range(walk.per * indices):
         plan = walk.plan(g, kv_keep_from=walk.keep_from(g))
         span = max(span, plan.slots[-1].chunk + 1 - plan.kv_keep_from)
     return span
 
 
 def kv_areas(spec: StaggerSpec, cfg_number: int, keep_all: bool = False) -> KVAreas:
-    """Areas a job with stagger ``spec`` needs (``keep_all``: ``main`` = every chunk). Without
+    """Areas a job with stagger ``spec`` needs (``keep_all``: ``history`` = every chunk). Without
     KV ranges (``noise2clean_kvrange`` empty: full causal attention) every chunk stays
     readable, so the job is kept whole as with ``keep_all``.
 
@@ -58,11 +59,11 @@ def kv_areas(spec: StaggerSpec, cfg_number: int, keep_all: bool = False) -> KVAr
     whole = keep_all or not spec.noise2clean_kvrange
     if whole and spec.num_chunks is None:
         raise ValueError("an endless job needs bounded KV ranges (noise2clean_kvrange) and the ring, not keep_all")
-    main = spec.num_chunks if whole else main_span(spec)
+    history = spec.num_chunks if whole else history_span(spec)
     w = spec.window_size
     if cfg_number == 3:
-        return KVAreas(main=main, text=w + 1, uncond=w)
-    return KVAreas(main=main, extra=1)
+        return KVAreas(history=history, text=w + 1, uncond=w)
+    return KVAreas(history=history, self_only=1)
 
 
 def job_blocks(areas: KVAreas, tokens_per_chunk: int, block_tokens: int) -> int:
@@ -75,7 +76,7 @@ def default_job_areas(sp: SamplingConfig, prefix_chunks: int = 0) -> KVAreas:
     """KV areas (:func:`kv_areas`) of an endless T2V job at the default step count (a 16-chunk
     job when the KV ranges are unbounded), or of a V2V job bringing ``prefix_chunks`` whole
     prefix chunks: what the engine reserves per job. The areas depend on chunk geometry only
-    (window, KV ranges, stages), not on timestep values, so the walk runs on a uniform schedule."""
+    (window, KV ranges, stagger indices), not on timestep values, so the walk runs on a uniform schedule."""
     n = sp.num_steps
     spec = StaggerSpec(
         num_chunks=None if sp.noise2clean_kvrange else 16, window_size=sp.window_size, num_steps=n,

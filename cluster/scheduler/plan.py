@@ -50,8 +50,8 @@ class StepPlan:
     Attributes:
         global_step: forward counter of the job, 0-based (prefix extraction is
             its own plan with ``is_prefix_extraction`` and the same step 0).
-        stage: reference stage index (window position), -1 for prefix extraction.
-        denoise_idx: index inside the stage, 0 .. num_steps // window_size - 1.
+        stagger_index: window position (reference ``stage``), -1 for prefix extraction.
+        denoise_idx: index inside the stagger index, 0 .. num_steps // window_size - 1.
         slots: the model-input chunks in order (clean re-forward chunk first).
         slice_point: chunks < slice_point are read from the job's KV cache, never
             recomputed; the current window starts at global chunk ``slots[0].chunk``.
@@ -67,7 +67,7 @@ class StepPlan:
     """
 
     global_step: int
-    stage: int
+    stagger_index: int
     denoise_idx: int
     slots: tuple[ChunkSlot, ...]
     slice_point: int

@@ -2,12 +2,12 @@
 
 Reproduces the reference ``generate_sequences`` + ``SampleTransport.walk``
 (DESIGN.md section 3, "Stagger" and "KV cache"): window W = window_size,
-per = num_steps // W steps per stage. At global forward g (prefix extraction
-not counted) the stage is s = g // per, the index inside it d = g % per, and
+per = num_steps // W steps per stagger index (the reference's "stage"). At global forward g (prefix extraction
+not counted) the stagger index is s = g // per, the index inside it d = g % per, and
 with i = chunk_offset + s the window holds chunks
 [max(chunk_offset, i - W + 1), min(num_chunks, i + 1)); chunk c is at step
 index k_c = (i - c) * per + d (the oldest chunk at the highest index). At
-d = 0 of every stage whose first chunk is past the prefix, the previous
+d = 0 of every stagger index whose first chunk is past the prefix, the previous
 (now clean) chunk is re-forwarded first at clean_t to write its K/V.
 A query chunk c at step k attends to chunks [max(0, c + 1 - R), c + 1) with
 R = noise2clean_kvrange[k // (num_steps // len(noise2clean_kvrange))]
@@ -31,7 +31,7 @@ PREFIX_DEFAULT_KVRANGE = 8  # reference ``generate_kvrange_for_prefix_video`` fa
 
 
 def generate_sequences(chunk_num: int, window_size: int, chunk_offset: int) -> tuple[list[int], ...]:
-    """Per-stage (clip_start, clip_end, t_start, t_end) lists, as the reference ``generate_sequences``.
+    """Per-stagger-index (clip_start, clip_end, t_start, t_end) lists, as the reference ``generate_sequences``.
 
     Stage s covers chunks [clip_start[s], clip_end[s]); t_start/t_end index
     the window positions (in units of ``per`` steps) of those chunks.
@@ -107,7 +107,7 @@ class StaggerSpec:
     # ----- static quantities -------------------------------------------------
     @property
     def per(self) -> int:
-        """Steps per stage (reference ``denoise_step_per_stage``)."""
+        """Steps per stagger index (reference ``denoise_step_per_stage``)."""
         return self.num_steps // self.window_size
 
     @property
@@ -145,9 +145,9 @@ class StaggerSpec:
         return max(*self.noise2clean_kvrange, self._clean_range() or 1)
 
     # ----- windows -----------------------------------------------------------
-    def window(self, stage: int) -> tuple[int, int]:
-        """[first, end) denoising chunks of ``stage`` (reference clip_start/clip_end)."""
-        i = self.chunk_offset + stage
+    def window(self, stagger_index: int) -> tuple[int, int]:
+        """[first, end) denoising chunks of ``stagger_index`` (reference clip_start/clip_end)."""
+        i = self.chunk_offset + stagger_index
         end = i + 1 if self.num_chunks is None else min(self.num_chunks, i + 1)
         return max(self.chunk_offset, i - self.window_size + 1), end
 
@@ -157,9 +157,9 @@ class StaggerSpec:
         total = self.total_forwards
         if g < 0 or (total is not None and g >= total):
             raise IndexError(f"global step {g} outside 0..{total}")
-        stage, d = divmod(g, self.per)
-        i = self.chunk_offset + stage
-        first, end = self.window(stage)
+        stagger_index, d = divmod(g, self.per)
+        i = self.chunk_offset + stagger_index
+        first, end = self.window(stagger_index)
         reforward = first > self.chunk_offset and d == 0
         slots = []
         if reforward:
@@ -172,7 +172,7 @@ class StaggerSpec:
         oldest_k = (i - first) * self.per + d
         return StepPlan(
             global_step=g,
-            stage=stage,
+            stagger_index=stagger_index,
             denoise_idx=d,
             slots=tuple(slots),
             slice_point=first - 1 if reforward else first,
@@ -192,7 +192,7 @@ class StaggerSpec:
             ChunkSlot(c, SlotRole.PREFIX, self.clean_t32, None, None, self._kv(c, span)) for c in range(self.chunk_offset)
         )
         return StepPlan(
-            global_step=0, stage=-1, denoise_idx=0, slots=slots, slice_point=0,
+            global_step=0, stagger_index=-1, denoise_idx=0, slots=slots, slice_point=0,
             kv_write_chunks=tuple(range(self.chunk_offset)), distill_nearly_clean_chunk=False,
             distill_interval=float(self.distill_intervals[0]), emits=(), is_prefix_extraction=True,
             kv_keep_from=kv_keep_from,
@@ -205,9 +205,9 @@ class StaggerSpec:
         Chunks below it are neither read from the KV cache nor part of the
         model input of this forward. Same value as building :meth:`plan` (g).
         """
-        stage, d = divmod(g, self.per)
-        i = self.chunk_offset + stage
-        first, end = self.window(stage)
+        stagger_index, d = divmod(g, self.per)
+        i = self.chunk_offset + stagger_index
+        first, end = self.window(stagger_index)
         floor = first
         if first > self.chunk_offset and d == 0:
             floor = self._kv(first - 1, self._clean_range())[0]
@@ -226,16 +226,16 @@ class StaggerSpec:
         Computed on the endless walk so that a finite job's value equals the
         stream's; it is a lower bound of what the finite job still reads (its
         windows are the endless ones cut at num_chunks). The search stops at the
-        first stage whose smallest possible read, max(0, first_chunk - max_range),
+        first stagger index whose smallest possible read, max(0, first_chunk - max_range),
         cannot go below the best found so far.
         """
         spec = self.endless
         span = spec._max_span()
-        stage, d = divmod(g, spec.per)
-        best = min(spec.cache_floor(stage * spec.per + j) for j in range(d, spec.per))
+        stagger_index, d = divmod(g, spec.per)
+        best = min(spec.cache_floor(stagger_index * spec.per + j) for j in range(d, spec.per))
         while best > 0 and span is not None:
-            stage += 1
-            if max(0, spec.window(stage)[0] - span) >= best:
+            stagger_index += 1
+            if max(0, spec.window(stagger_index)[0] - span) >= best:
                 break
-            best = min(best, *(spec.cache_floor(stage * spec.per + j) for j in range(spec.per)))
+            best = min(best, *(spec.cache_floor(stagger_index * spec.per + j) for j in range(spec.per)))
         return best

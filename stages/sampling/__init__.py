@@ -1,4 +1,5 @@
-"""Sampling math of the MAGI-1 chunk pipeline: schedules, Euler step, guidance.
+"""Sampling math of the MAGI-1 chunk pipeline: schedules, Euler step, guidance (branch
+selection and combination: :mod:`stages.sampling.guidance`).
 
 Pure functions without hidden state (DESIGN.md section 3); the chunk
 staggering that decides which chunk is at which step lives in the plain-Python
@@ -7,16 +8,30 @@ staggering that decides which chunk is at which step lives in the plain-Python
 """
 
 from stages.sampling.euler import euler_step
-from stages.sampling.guidance import cfg_scales, combine_cfg3, distill_blend
+from stages.sampling.guidance import (
+    Branch,
+    Guidance,
+    cfg_scales,
+    combine_cfg3,
+    distill_blend,
+    guided_velocity,
+    history_branch,
+    select_branches,
+)
 from stages.sampling.schedule import SHORTCUT_MODES, distill_step_size, init_intervals, init_t
 
 __all__ = [
+    "Branch",
+    "Guidance",
     "SHORTCUT_MODES",
     "cfg_scales",
     "combine_cfg3",
     "distill_blend",
     "distill_step_size",
     "euler_step",
+    "guided_velocity",
+    "history_branch",
     "init_intervals",
     "init_t",
+    "select_branches",
 ]

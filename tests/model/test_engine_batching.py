@@ -98,7 +98,7 @@ def test_a_job_with_broken_state_fails_alone(tiny):
     while engine.has_work:
         kv = bad._st.ctx.kv
         if not broken and kv is not None and kv.chunks:
-            kv._held.clear()  # the K/V a later plan reads are gone
+            kv.ring.held.clear()  # the K/V a later plan reads are gone
             broken = True
         events += engine.step()
     failed = [e for e in events if isinstance(e, JobFinished) and e.state == "failed"]

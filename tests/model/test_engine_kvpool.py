@@ -44,10 +44,10 @@ def test_job_region_does_not_grow_with_length(tiny):
     endless = engine.preparer.prepare(make_job("e", None, 1))
     assert short.areas == long.areas == endless.areas and short.blocks == long.blocks == endless.blocks
     sp = cfg.sampling
-    ring = short.areas.main - (sp.window_size + 1)  # clean chunks kept below a full window + its clean chunk
+    ring = short.areas.history - (sp.window_size + 1)  # clean chunks kept below a full window + its clean chunk
     assert ring <= max(sp.noise2clean_kvrange) - 1
     keep_all = kv_areas(long.sched.spec, sp.cfg_number, keep_all=True)
-    assert keep_all.main == 64 > short.areas.main
+    assert keep_all.history == 64 > short.areas.history
 
 
 @pytest.mark.parametrize("steps", [4, 8])
@@ -65,7 +65,7 @@ def test_ring_equals_keep_everything_bitwise(tiny, steps):
                 out_ring[e.index] = e.latent
         if st.ctx.kv is not None:
             held.append(len(st.ctx.kv.chunks))
-            moves = st.ctx.kv.moves
+            moves = st.ctx.kv.ring.moves
     full = Engine(cfg, dit, kv_keep_all=True, kv_pool_blocks=64)
     fst = full.submit(job)._st
     keep = {}

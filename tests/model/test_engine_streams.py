@@ -125,8 +125,8 @@ def test_rope_positions_stay_bounded_and_short_jobs_unchanged(tiny):
             if hasattr(e, "latent"):
                 out[e.index] = e.latent
         if st.state == "active":  # window end relative to the RoPE base, in chunks
-            spans.append(st.ctx.max_started + 1 - st.ctx.rope_base)
-            bases.append(st.ctx.rope_base)
+            spans.append(st.ctx.max_started + 1 - st.ctx.kv.ring.rope_base)
+            bases.append(st.ctx.kv.ring.rope_base)
     assert max(bases) > 0 and max(spans) <= 9  # time positions < horizon * chunk_width latent frames
     absolute = run_alone(Engine(cfg, dit, rope_horizon_chunks=None), long)
     diff = max_diff(out, absolute)

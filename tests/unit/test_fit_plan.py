@@ -29,7 +29,7 @@ def per_gpu_bytes(plan) -> int:
 
 @pytest.mark.parametrize("preset,chunks", [("magi-24B-base", 14), ("magi-24B-distill", 6)])
 def test_kv_per_job_is_the_engine_region(preset, chunks):
-    """cfg_number 3: [ring | window] + text window + uncond = 5 + 5 + 4; distilled: 5 + 1 extra."""
+    """cfg_number 3: [ring | window] + text window + uncond = 5 + 5 + 4; distilled: 5 + 1 self_only."""
     model = load_preset(preset)
     plan = plan_fit(model, "h100-80gb-sxm", FitSettings(cp_size=8))
     assert plan.kv.areas == default_job_areas(model.sampling) and plan.kv.areas.total == chunks
@@ -199,7 +199,7 @@ def test_explain_lists_every_term_and_the_verdict():
     text = plan.explain()
     for name, _ in plan.activation_terms + plan.overhead_terms:
         assert name in text
-    assert "weights" in text and "KV per job (14 chunks: 5 main + 5 text + 4 uncond -> 14 blocks)" in text
+    assert "weights" in text and "KV per job (14 chunks: 5 history + 5 text + 4 uncond -> 14 blocks)" in text
     assert f"max concurrent jobs: {plan.max_concurrent_jobs}" in text and "FITS" in text
     assert f"KV pool allocated ({plan.kv_pool_blocks} blocks)" in text
 
@@ -211,7 +211,7 @@ def test_long_v2v_prefix_enlarges_the_largest_forward_and_the_region():
     assert (short.activation_bytes, short.kv_bytes_per_job) == (base.activation_bytes, base.kv_bytes_per_job)
     long = plan_fit(M45, "h200", FitSettings(prefix_chunks=8, **seq))  # 192 prefix frames = 48 latent frames
     assert long.shape.chunks_per_forward == 8 and long.activation_bytes > base.activation_bytes
-    assert long.kv.areas == KVAreas(main=8, text=5, uncond=4) == default_job_areas(M45.sampling, 8)
+    assert long.kv.areas == KVAreas(history=8, text=5, uncond=4) == default_job_areas(M45.sampling, 8)
     assert long.kv_bytes_per_job == base.kv_bytes_per_job * 17 // 14
 
 

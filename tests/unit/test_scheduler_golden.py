@@ -76,7 +76,7 @@ def _observed(plan: StepPlan, per: int) -> dict:
     clean = [s.chunk for s in plan.slots if s.role is SlotRole.CLEAN_REFORWARD]
     return {
         "global_step": plan.global_step,
-        "stage": plan.stage,
+        "stage": plan.stagger_index,
         "denoise_idx": plan.denoise_idx,
         "denoise_step_per_stage": per,
         "window_chunks": [s.chunk for s in den],

@@ -74,7 +74,7 @@ def test_cancel_stops_an_endless_stream():
 def test_prefix_extraction_comes_first_with_step_zero():
     s = _sched(num_chunks=4, chunk_offset=2)
     first = s.next_plan()
-    assert first.is_prefix_extraction and first.global_step == 0 and first.stage == -1
+    assert first.is_prefix_extraction and first.global_step == 0 and first.stagger_index == -1
     s.update(StepResult(0, ()))
     second = s.next_plan()
     assert not second.is_prefix_extraction and second.global_step == 0
