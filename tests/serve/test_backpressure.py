@@ -50,6 +50,8 @@ def test_a_stalled_client_pauses_its_job_without_buffering_and_gets_every_chunk(
     it off the window stays 64 KiB, so what the service holds is what this test bounds."""
     request = make_request(PROMPT, num_chunks=CFG.limits.max_chunks, num_steps=4, seed=11, output_format="raw")
     reference = run_job(request)  # an unstalled client; also warms the ingress and proxy up
+    other_request = make_request(PROMPT, num_chunks=2, num_steps=4, seed=12)
+    alone = run_job(other_request)
     acc = reference.accepted
     chunk_bytes = acc.width * acc.height * acc.frames_per_chunk * 3
     pids = {"proxy": actor_pid("ProxyActor"), "ingress": actor_pid("ServeReplica:magi:GrpcIngress")}
@@ -69,17 +71,19 @@ def test_a_stalled_client_pauses_its_job_without_buffering_and_gets_every_chunk(
         stat = stalled_state(dit_engine, stalled.job_id)
         assert stat is not None, dit_engine.job_stats.remote(stalled.job_id).result()  # never paused
         after = {name: process_rss(pid) for name, pid in pids.items()}
-        other = run_job(make_request(PROMPT, num_chunks=2, num_steps=4, seed=12))  # completes meanwhile
+        other = run_job(other_request)  # runs to its end meanwhile
         still = dit_engine.job_stats.remote(stalled.job_id).result()
         rest = list(call)
     growth = {name: after[name] - before[name] for name in pids}
     bound = emitted_bound(read_chunks=1)
     print(f"stalled job: {stat['chunks']} of {acc.num_chunks} chunks emitted (bound {bound}), "
           f"RSS growth MiB {({k: round(v / 2**20, 1) for k, v in growth.items()})}, "
-          f"bound {bound * chunk_bytes / 2**20:.1f} MiB")
+          f"bound {bound * chunk_bytes / 2**20:.1f} MiB; another job's total time beside the paused job / "
+          f"alone: {other.done.total_s / alone.done.total_s:.2f}")
     assert stat["state"] == "active" and stat["paused"] and stat["chunks"] <= bound < acc.num_chunks
     assert sum(growth.values()) <= bound * chunk_bytes, growth
-    assert other.done.num_chunks == 2 and still["paused"] and still["chunks"] == stat["chunks"]
+    assert other.done.num_chunks == alone.done.num_chunks and other.data() == alone.data()
+    assert still["paused"] and (still["steps"], still["chunks"]) == (stat["steps"], stat["chunks"])  # no forward
     job = Collected(head + rest)
     assert job.done.num_chunks == acc.num_chunks and job.data() == reference.data()
     assert dit_engine.job_stats.remote(stalled.job_id).result()["pauses"] >= 1
