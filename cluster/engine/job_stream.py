@@ -31,7 +31,7 @@ class JobStream:
             for a pause (``engine.max_buffered_chunks``).
     """
 
-    def __init__(self, job_id: str, max_buffered: int = 2):
+    def __init__(self, job_id: str, max_buffered: int):
         self.job_id, self.state, self.error = job_id, "queued", None
         self.max_buffered = max_buffered
         self.buffered = 0  # LatentChunks in the queue, not yet taken by the reader
