@@ -19,6 +19,7 @@ from cluster.engine import Engine
 from cluster.serve.ranks import start_rank_group
 from stages.config import magi_tiny
 from stages.dit.weights import load_dit, write_tiny_checkpoint
+from serve_helpers import poll
 from tests.model.engine_fixtures import drain, image_latent, make_job
 
 ATOL = RTOL = 1e-4
@@ -168,8 +169,17 @@ def test_dead_rank_fails_the_health_check(service, checkpoint):
                              str(path), torch_threads=1)
     try:
         asyncio.run(group.peers.check(30))
-        ray.kill(group.peers.actors[0])
+        dead = group.peers.actors[0]
+        ray.kill(dead)  # asynchronous: the actor may still answer a call made right after it
+        assert poll(lambda: _actor_state(dead) == "DEAD", 60.0), "the killed rank never died"
         with pytest.raises(RuntimeError, match="rank 1 is not answering"):
             asyncio.run(group.peers.check(30))
     finally:
         group.close()
+
+
+def _actor_state(actor) -> str:
+    """The GCS's state of ``actor`` ("ALIVE", "DEAD", ...)."""
+    from ray._private import state  # noqa: PLC0415 - the dashboard-free actor table
+
+    return state.actors(actor._actor_id.hex())["State"]
