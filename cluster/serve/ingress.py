@@ -68,7 +68,8 @@ class GrpcIngress:
 
     async def Check(self, request: bytes, grpc_context) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1 ``Check``: SERVING / NOT_SERVING (:class:`ServingProbe`: can the app
-        generate now) for "" and the served services; NOT_FOUND for another name."""
+        generate now; NOT_SERVING while draining) for "" and the served services; NOT_FOUND
+        for another name."""
         rid = errors.request_id()
         try:
             service = parse_request(health_pb2.HealthCheckRequest, request, self._cfg.limits).service
@@ -78,6 +79,8 @@ class GrpcIngress:
         if service not in _HEALTH_NAMES:
             errors.refuse(grpc_context, rid, "Check", grpc.StatusCode.NOT_FOUND, f"unknown service {service[:80]!r}")
             return health_pb2.HealthCheckResponse()
+        if self._gate.closed:  # draining: load balancers should send new calls elsewhere
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
         return health_pb2.HealthCheckResponse(status=await self._probe.status())
 
     @gated

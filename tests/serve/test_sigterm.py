@@ -54,6 +54,7 @@ def test_sigterm_drains_and_leaves_no_process():
             assert read_until(proc, "draining", lines), "".join(lines)
             with pytest.raises(grpc.RpcError) as refused:
                 list(client.generate(make_request("one too late")))
+            draining_health = client.health(timeout=10.0)
             running += list(messages)  # the running job goes on to its end
         rest = threading.Thread(target=lambda: lines.extend(proc.stdout))
         rest.start()
@@ -66,6 +67,7 @@ def test_sigterm_drains_and_leaves_no_process():
     assert code == 0, output
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert refused.value.details().startswith(SHUTTING_DOWN)
+    assert draining_health == "NOT_SERVING"  # load balancers stop sending new calls here
     assert running[-1].HasField("done") and stream.done.num_chunks == 3
     assert "all streams finished" in output and "Traceback" not in output
     assert poll(lambda: not [p for p in family if _alive(p)]), [p for p in family if _alive(p)]
