@@ -3,7 +3,7 @@ the GPUs of one engine replica, and how many concurrent jobs does the pool admit
 
 Per GPU rank (all ranks of a replica are planned as the heaviest one)::
 
-    fixed  = weights(stage) + activations(step of j jobs) + cuda_context + nccl_buffers + fragmentation_fraction * memory
+    fixed  = weights(pp_stage) + activations(step of j jobs) + cuda_context + nccl_buffers + fragmentation_fraction * memory
     free   = memory - fixed
     budget = kv_pool_fraction * free                       (KV pool + job latents, per rank)
     jobs   = floor(budget / per_job)   per_job = the job's KV-pool region + its latents
@@ -21,8 +21,8 @@ The engine then allocates ``kv_pool_blocks = jobs * blocks_per_job`` (``Engine(k
 
 Weights: :mod:`stages.parallel.weights` (exact, checked against the reference manifests).
 With context parallelism every rank holds the full weights of its pipeline stage; pipeline
-parallelism gives each stage ``num_layers / pp_size`` layers plus the embedders and final
-layer (the reference builds those on every stage). KV: :mod:`cluster.capacity.kv` (the
+parallelism gives each pipeline stage ``num_layers / pp_size`` layers plus the embedders and
+final layer (the reference builds those on every pipeline stage). KV: :mod:`cluster.capacity.kv` (the
 engine's pool arithmetic). Activations: :mod:`cluster.capacity.working_set`.
 The T5 encoder and the VAE run on their own deployments' devices (not planned here).
 :func:`cluster.capacity.report.check_fits` raises with advice when the plan admits no job.
@@ -39,7 +39,7 @@ from cluster.capacity.plan import FitPlan, FitSettings
 from cluster.units import GiB
 from stages.config import ModelConfig
 from stages.errors import InvalidInput
-from stages.parallel.weights import dit_stage_counts, nbytes, stage_layers
+from stages.parallel.weights import dit_pp_stage_counts, nbytes, pp_stage_layers
 
 
 def _resolution(model: ModelConfig, s: FitSettings) -> tuple[int, int]:
@@ -102,17 +102,18 @@ def _plan(model: ModelConfig, gpu: GpuSpec, s: FitSettings, h: int, w: int, jobs
                           batch_cfg=s.batch_cfg, prefix_chunks=prefix, micro_batches=s.micro_batches,
                           max_forward_tokens=s.max_forward_tokens)
     kv = kv_plan(model, h, w, cp_size=s.cp_size, pp_size=s.pp_size, prefix_chunks=s.prefix_chunks)
-    stages = tuple(nbytes(dit_stage_counts(model.dit, r)) for r in stage_layers(model.dit.num_layers, s.pp_size))
+    pp_stages = tuple(nbytes(dit_pp_stage_counts(model.dit, r))
+                      for r in pp_stage_layers(model.dit.num_layers, s.pp_size))
     acts = ws.activation_terms(model, shape, cp_size=s.cp_size, pp_size=s.pp_size, attention=s.attention)
     overheads = _overheads(gpu, s)
     per_job = ws.latent_bytes_per_job(model, h, w) + kv.bytes_per_job
-    fixed = max(stages) + sum(acts.values()) + sum(overheads.values())
+    fixed = max(pp_stages) + sum(acts.values()) + sum(overheads.values())
     budget, admitted = _admission(gpu.memory_bytes - fixed, per_job, s)
     if s.max_active_jobs is not None:
         admitted = min(admitted, s.max_active_jobs)
     return FitPlan(
         model=model.name, gpu=gpu, settings=s, height=h, width=w, weight_format=weight_format(model), shape=shape,
-        kv=kv, jobs_per_forward=jobs, stage_weight_bytes=stages, activation_terms=tuple(acts.items()),
+        kv=kv, jobs_per_forward=jobs, pp_stage_weight_bytes=pp_stages, activation_terms=tuple(acts.items()),
         overhead_terms=tuple(overheads.items()), gpu_bytes_per_job=per_job,
         kv_pool_budget_bytes=budget, max_concurrent_jobs=admitted, problems=_problems(model, gpu),
     )

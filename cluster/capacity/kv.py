@@ -17,8 +17,8 @@ G_rank, Dh). The numbers come from the same functions the engine uses:
 Per rank (DESIGN.md section 2; :mod:`stages.parallel.mesh`): context parallelism shards the
 K/V by KV head group, ``G / cp_size`` groups per rank when cp_size divides G, and one
 (replicated) group per rank when cp_size is a multiple of G (:func:`stages.parallel.mesh.kv_groups_of`); pipeline parallelism keeps
-only the stage's layers (:func:`stages.parallel.weights.stage_layers`; the heaviest stage is
-planned). Elements have the DiT's ``params_dtype`` (the pool dtype is the loaded weights').
+only the pipeline stage's layers (:func:`stages.parallel.weights.pp_stage_layers`; the heaviest
+pipeline stage is planned). Elements have the DiT's ``params_dtype`` (the pool dtype is the loaded weights').
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cluster.scheduler.kv_areas import KVAreas, default_job_areas, job_blocks
 from stages.config import ModelConfig
 from stages.dit.kv_pool import KVPool
 from stages.parallel.mesh import kv_groups_of
-from stages.parallel.weights import DTYPE_BYTES, stage_layers
+from stages.parallel.weights import DTYPE_BYTES, pp_stage_layers
 
 
 def kv_groups_per_rank(num_query_groups: int, cp_size: int) -> int:
@@ -98,7 +98,7 @@ def kv_plan(model: ModelConfig, height: int, width: int, *, cp_size: int, pp_siz
     block = block_tokens(model)
     return KVPlan(
         areas=areas, tokens_per_chunk=tpc, block_tokens=block, blocks_per_job=job_blocks(areas, tpc, block),
-        layers_per_rank=max(len(r) for r in stage_layers(dit.num_layers, pp_size)),
+        layers_per_rank=max(len(r) for r in pp_stage_layers(dit.num_layers, pp_size)),
         groups_per_rank=kv_groups_per_rank(dit.num_query_groups, cp_size), head_dim=dit.kv_channels,
         element_size=DTYPE_BYTES[dit.params_dtype],
     )

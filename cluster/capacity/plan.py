@@ -92,7 +92,7 @@ class FitPlan:
     shape: StepShape
     kv: KVPlan
     jobs_per_forward: int
-    stage_weight_bytes: tuple[int, ...]
+    pp_stage_weight_bytes: tuple[int, ...]
     activation_terms: tuple[tuple[str, int], ...]
     overhead_terms: tuple[tuple[str, int], ...]
     gpu_bytes_per_job: int
@@ -111,7 +111,7 @@ class FitPlan:
     @property
     def weights_bytes(self) -> int:
         """Weights on the heaviest rank (pipeline stages differ by the fp8 first/last layers)."""
-        return max(self.stage_weight_bytes)
+        return max(self.pp_stage_weight_bytes)
 
     @property
     def activation_bytes(self) -> int:
@@ -179,7 +179,7 @@ def explain(plan: FitPlan) -> str:
     def row(label: str, n: int, indent: int = 2) -> None:
         lines.append(f"{' ' * indent}{label:<{70 - indent}}{format_bytes(n, 'GiB', 2, 8)}")
 
-    row(f"weights (heaviest of {s.pp_size} stage(s), {sh.layers_per_stage} layers)", plan.weights_bytes)
+    row(f"weights (heaviest of {s.pp_size} pipeline stage(s), {sh.layers_per_pp_stage} layers)", plan.weights_bytes)
     row(f"activations (largest forward of a {plan.jobs_per_forward}-job step: {sh.chunks_per_forward} chunks,"
         f" {sh.tokens_per_rank} tokens/rank" + (f", {sh.micro_batches} micro-batches" if sh.micro_batches > 1 else "")
         + ")", plan.activation_bytes)

@@ -27,7 +27,7 @@ Token geometry (DESIGN.md section 3; reference ``generate_per_chunk``):
   with the jobs admitted. Planned for jobs of the planned resolution (smaller jobs fit more
   windows, thus more caption rows, into B tokens).
 * pipeline parallelism (pp_size > 1) cuts the step's tokens at chunk boundaries into
-  ``micro_batches`` (default ``2 pp_size``, :mod:`stages.parallel.mesh`) that every stage runs
+  ``micro_batches`` (default ``2 pp_size``, :mod:`stages.parallel.mesh`) that every pipeline stage runs
   one after another: a layer's temporaries are those of ``ceil(chunks / micro_batches)``
   chunks; the per-forward state (embedding, RoPE rows, captions) is the whole step's.
 * Ulysses context parallelism splits tokens evenly: ``s = ceil(S / cp)`` per rank; attention
@@ -97,7 +97,7 @@ class StepShape:
         kv_range_chunks: R, chunks of keys one query chunk reads at most.
         kv_heads_per_rank: K/V heads each rank stores.
         q_heads_per_rank: query heads each rank attends with.
-        layers_per_stage: DiT layers per pipeline stage.
+        layers_per_pp_stage: DiT layers per pipeline stage.
         act_bytes: bytes per activation / KV element.
     """
 
@@ -114,7 +114,7 @@ class StepShape:
     kv_range_chunks: int
     kv_heads_per_rank: int
     q_heads_per_rank: int
-    layers_per_stage: int
+    layers_per_pp_stage: int
     act_bytes: int
 
 
@@ -163,7 +163,7 @@ def step_shape(model: ModelConfig, height: int, width: int, *, cp_size: int, pp_
         window_chunks=window, prefix_chunks=prefix_chunks, kv_range_chunks=max(smp.noise2clean_kvrange, default=1),
         kv_heads_per_rank=kv_groups_per_rank(dit.num_query_groups, cp_size),
         q_heads_per_rank=dit.num_attention_heads // cp_size,
-        layers_per_stage=dit.num_layers // pp_size, act_bytes=DTYPE_BYTES[dit.params_dtype],
+        layers_per_pp_stage=dit.num_layers // pp_size, act_bytes=DTYPE_BYTES[dit.params_dtype],
     )
 
 

@@ -2,16 +2,17 @@
 
 With ``cp_size x pp_size > 1`` an engine's DiT runs on ``world_size`` ranks that form a
 torch.distributed group (:mod:`stages.parallel.mesh`: Ulysses context parallelism inside a
-pipeline stage, stages of consecutive layers). Rank 0 is the engine's own process: it holds
+pipeline stage, pipeline stages of consecutive layers). Rank 0 is the engine's own process: it holds
 the scheduler, the jobs and its own shard. Ranks 1..N-1 each run a :class:`RankWorker`,
 reached through :class:`Peers` (Ray actors in the replica's placement group,
 :mod:`cluster.serve.ranks`; this module never imports Ray).
 
 Every rank executes the same operations in the same order:
 
-* a forward (:class:`ShardedForward`): every rank calls ``MagiDiT.forward_packed`` with the same
+* a forward (:class:`ShardedForward`): every rank calls
+  :func:`stages.parallel.pipeline.pipeline_forward` with its DiT shard, its mesh view, the same
   packed windows and its own pool shard; the velocities of the mesh's ``result_rank`` (first
-  rank of the last stage) are the step's result;
+  rank of the last pipeline stage) are the step's result;
 * KV-pool storage operations (:class:`ShardedKVPool`): moves and RoPE re-basing run on every
   shard; snapshot reads merge the shards, writes split them
   (:func:`stages.parallel.kv_shards.merge_kv_reads` / :func:`stages.parallel.kv_shards.split_kv`).
@@ -36,6 +37,7 @@ from stages.dit.packed import PackedWindow
 from stages.dtypes import torch_dtype
 from stages.parallel.kv_shards import merge_kv_reads, pool_dims, split_kv
 from stages.parallel.mesh import MeshShape, ParallelMesh, destroy_mesh, init_mesh
+from stages.parallel.pipeline import pipeline_forward, shard_model
 
 
 
@@ -94,10 +96,10 @@ class RankSpec:
 
 
 class RankWorker:
-    """One rank: its mesh view, its DiT shard (its stage's layers) and its KV-pool shard.
+    """One rank: its mesh view, its DiT shard (its pipeline stage's layers) and its KV-pool shard.
 
     Construction joins the mesh (blocks until every rank has joined) and loads the shard
-    (:func:`stages.dit.weights.load_dit` with the stage's layers).
+    (:func:`stages.dit.weights.load_dit` with the pipeline stage's layers).
 
     Raises:
         ValueError: a mesh the model cannot be split into (named field: cp_size / pp_size).
@@ -119,7 +121,7 @@ class RankWorker:
         dit = load_dit(Path(spec.dit_dir), cfg, device=spec.device, dtype=torch_dtype(spec.dtype),
                        distill=spec.model_cfg.sampling.distill, layers=self.mesh.layers)
         dit.attention = make_attention(spec.attention, spec.device)
-        self.dit: MagiDiT = dit.shard(self.mesh).eval()
+        self.dit: MagiDiT = shard_model(dit, self.mesh).eval()
         self.pool: KVPool | None = None
 
     def ready(self) -> int:
@@ -138,7 +140,7 @@ class RankWorker:
     @torch.no_grad()
     def forward(self, windows: list[PackedWindow]) -> list[torch.Tensor] | None:
         """This rank's part of one packed forward; velocities (CPU) on the result rank, else None."""
-        out = self.dit.forward_packed(windows, self.pool)
+        out = pipeline_forward(self.dit, self.mesh, windows, self.pool)
         if self.mesh.rank != self.mesh.shape.result_rank:
             return None
         return [v.cpu() for v in out]

@@ -10,8 +10,11 @@ and attending over it in place with per-chunk key ranges (:mod:`stages.dit.packe
 :mod:`stages.dit.attention`).
 
 No CFG, distillation schedule, env reads or distributed state live here; the engine
-(:mod:`cluster.engine.runner`) decides the inputs. Quirks of the reference reproduced on
-purpose (each named where implemented): adaLN caption term from
+(:mod:`cluster.engine.runner`) decides the inputs. Over a parallel mesh a rank keeps the layers of
+its pipeline stage (:meth:`MagiDiT.keep_layers`) and runs its part of the forward with
+:func:`stages.parallel.pipeline.pipeline_forward` (model and mesh passed in; no mesh lives here).
+
+Quirks of the reference reproduced on purpose (each named where implemented): adaLN caption term from
 ``null_caption_embedding[-2/-1]`` (:class:`~stages.dit.embed.CaptionEmbedder`), ``weight + 1``
 LayerNorms (:class:`~stages.dit.embed.FusedLayerNorm`), float32 RoPE time "rescale"
 (:class:`~stages.dit.embed.LearnableRotaryEmbeddingCat`), cross K/V interleaved per kv group
@@ -69,7 +72,6 @@ class MagiDiT(nn.Module):
         self.rope = LearnableRotaryEmbeddingCat(cfg.hidden_size // cfg.num_attention_heads)
         self.videodit_blocks = TransformerBlock(cfg, dtype)
         self.final_linear = FinalLinear(cfg)
-        self.mesh = None  # stages.parallel.mesh.ParallelMesh after shard()
 
     @property
     def device(self) -> torch.device:
@@ -82,7 +84,7 @@ class MagiDiT(nn.Module):
         layer = next(m for m in self.videodit_blocks.layers if isinstance(m, TransformerLayer))
         return layer.mlp.linear_fc1.weight.dtype
 
-    # ----- parallelism ------------------------------------------------------------
+    # ----- pipeline stages --------------------------------------------------------
     def keep_layers(self, layers: range) -> "MagiDiT":
         """Replace every layer outside ``layers`` (global indices) by an :class:`AbsentLayer`
         (its weights leave the model and its ``state_dict``). Returns self.
@@ -96,24 +98,6 @@ class MagiDiT(nn.Module):
         for i in range(len(blocks)):
             if i not in layers and not isinstance(blocks[i], AbsentLayer):
                 blocks[i] = AbsentLayer(i)
-        return self
-
-    def shard(self, mesh) -> "MagiDiT":
-        """Keep only ``mesh.layers`` and run :meth:`forward_packed` as this rank's part of the
-        mesh (:class:`stages.parallel.mesh.ParallelMesh`). Returns self.
-
-        Raises:
-            ValueError: the heads / KV groups cannot be split ``cp_size`` ways (names cp_size);
-                a layer of ``mesh.layers`` is not held (loaded for another stage).
-        """
-        from stages.parallel.mesh import check_groups  # noqa: PLC0415 (stages.parallel imports this module)
-
-        check_groups(mesh.shape.cp_size, self.cfg.num_query_groups, self.cfg.num_attention_heads)
-        missing = [i for i in mesh.layers if isinstance(self.videodit_blocks.layers[i], AbsentLayer)]
-        if missing:
-            raise ValueError(f"layers {missing} of pipeline stage {mesh.stage} are not loaded")
-        self.keep_layers(mesh.layers)
-        self.mesh = mesh
         return self
 
     def promote_high_precision(self) -> "MagiDiT":
@@ -196,13 +180,11 @@ class MagiDiT(nn.Module):
 
         Raises:
             ValueError: inconsistent window shapes, key ranges or destinations outside ``kv``.
+            RuntimeError: a layer was dropped (:meth:`keep_layers`): a pipeline stage's part of
+                the model runs through :func:`stages.parallel.pipeline.pipeline_forward`.
         """
         if not windows:
             return []
-        if self.mesh is not None:
-            from stages.parallel.pipeline import pipeline_forward  # noqa: PLC0415 (imports this module)
-
-            return pipeline_forward(self, windows, kv, cross_per_chunk)
         step = pack_step(self, windows, kv.num_tokens, cross_per_chunk)
         hidden, lay, dev = step.hidden, step.layout, self.device
         ctx = LayerContext(

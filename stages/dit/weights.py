@@ -97,7 +97,7 @@ def load_dit(
         dtype: dtype of the transformer-block weights.
         distill: pick ``inference_weight[.fp8].distill`` when given a model root.
         layers: global indices of the transformer layers to load (a pipeline stage's, see
-            :func:`stages.parallel.weights.stage_layers`); the other layers are
+            :func:`stages.parallel.weights.pp_stage_layers`); the other layers are
             :class:`stages.dit.step.AbsentLayer` and their checkpoint keys are not read.
             Embedders, RoPE, final LayerNorm and final linear are always loaded. None: all.
 

@@ -1,6 +1,6 @@
 """A rank's shard of the KV pool over a parallel mesh (:mod:`stages.parallel.mesh`).
 
-A rank stores its pipeline stage's layers (:func:`stages.parallel.weights.stage_layers`) and the KV
+A rank stores its pipeline stage's layers (:func:`stages.parallel.weights.pp_stage_layers`) and the KV
 head groups its query heads read (:func:`stages.parallel.mesh.kv_groups_of`). :func:`pool_dims`
 sizes that shard, :func:`split_kv` cuts full per-layer K/V into every rank's part and
 :func:`merge_kv_reads` puts the parts read back from every rank together again.
@@ -12,7 +12,7 @@ import torch
 
 from stages.config import DiTConfig
 from stages.parallel.mesh import MeshShape, ParallelMesh, kv_groups_of
-from stages.parallel.weights import stage_layers
+from stages.parallel.weights import pp_stage_layers
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,19 +36,19 @@ def merge_kv_reads(reads_by_rank: list[list[KV]], shape: MeshShape, cfg: DiTConf
     """
     if len(reads_by_rank) != shape.world_size:
         raise ValueError(f"expected reads of {shape.world_size} ranks, got {len(reads_by_rank)}")
-    layers = stage_layers(cfg.num_layers, shape.pp_size)
+    layers = pp_stage_layers(cfg.num_layers, shape.pp_size)
     groups = [kv_groups_of(c, shape.cp_size, cfg.num_query_groups) for c in range(shape.cp_size)]
     holders = [next(c for c in range(shape.cp_size) if g in groups[c]) for g in range(cfg.num_query_groups)]
     out: list[KV] = []
     for layer in range(cfg.num_layers):
-        stage = layer // len(layers[0])
-        local = layer - layers[stage].start
+        pp_stage = layer // len(layers[0])
+        local = layer - layers[pp_stage].start
         parts_k, parts_v = [], []
         for c in sorted(set(holders), key=holders.index):
-            read = reads_by_rank[shape.rank_of(stage, c)]
-            if len(read) != len(layers[stage]):
-                raise ValueError(f"rank {shape.rank_of(stage, c)} read {len(read)} layers, its stage has "
-                                 f"{len(layers[stage])}")
+            read = reads_by_rank[shape.rank_of(pp_stage, c)]
+            if len(read) != len(layers[pp_stage]):
+                raise ValueError(f"rank {shape.rank_of(pp_stage, c)} read {len(read)} layers, its pipeline stage "
+                                 f"has {len(layers[pp_stage])}")
             keep = [i for i, g in enumerate(groups[c]) if holders[g] == c]
             parts_k.append(read[local][0][:, keep])
             parts_v.append(read[local][1][:, keep])
@@ -58,17 +58,17 @@ def merge_kv_reads(reads_by_rank: list[list[KV]], shape: MeshShape, cfg: DiTConf
 
 def split_kv(kv_full: list[KV], mesh_shape: MeshShape, rank: int, cfg: DiTConfig) -> list[KV]:
     """The part of full per-layer K/V ((T, G, Dh) each, all layers) that ``rank`` stores:
-    its stage's layers and its KV groups, as contiguous tensors.
+    its pipeline stage's layers and its KV groups, as contiguous tensors.
 
     Raises:
         ValueError: ``kv_full`` does not have ``cfg.num_layers`` layers of G groups.
     """
     if len(kv_full) != cfg.num_layers:
         raise ValueError(f"expected K/V for {cfg.num_layers} layers, got {len(kv_full)}")
-    stage, c = mesh_shape.stage_of(rank), mesh_shape.cp_rank_of(rank)
+    pp_stage, c = mesh_shape.pp_stage_of(rank), mesh_shape.cp_rank_of(rank)
     groups = kv_groups_of(c, mesh_shape.cp_size, cfg.num_query_groups)
     out = []
-    for layer in stage_layers(cfg.num_layers, mesh_shape.pp_size)[stage]:
+    for layer in pp_stage_layers(cfg.num_layers, mesh_shape.pp_size)[pp_stage]:
         k, v = kv_full[layer]
         if k.shape[1] != cfg.num_query_groups:
             raise ValueError(f"layer {layer} K/V has {k.shape[1]} groups, the model {cfg.num_query_groups}")

@@ -1,15 +1,17 @@
 """The parallel mesh of one DiT: ``pp_size`` pipeline stages x ``cp_size`` context-parallel ranks.
 
-Rank ``r`` is cp rank ``r % cp_size`` of stage ``r // cp_size``. A stage holds the consecutive
-layers :func:`stages.parallel.weights.stage_layers` gives it (reference ``_get_layer_offset``);
-inside a stage the packed tokens are split over the cp ranks and attention runs head-parallel
-after an all-to-all (Ulysses; reference ``cp_ulysses_process`` / ``ulysses_a2a``).
-KV cache shards: a rank stores its stage's layers and the KV head groups (``num_query_groups``,
+Rank ``r`` is cp rank ``r % cp_size`` of pipeline stage (``pp_stage``) ``r // cp_size``. A
+pipeline stage holds the consecutive layers :func:`stages.parallel.weights.pp_stage_layers` gives
+it (reference ``_get_layer_offset``); inside a pipeline stage the packed tokens are split over the
+cp ranks and attention runs head-parallel after an all-to-all (Ulysses; reference
+``cp_ulysses_process`` / ``ulysses_a2a``).
+KV cache shards: a rank stores its pipeline stage's layers and the KV head groups (``num_query_groups``,
 G) its query heads read: ``G / cp_size`` groups each when ``cp_size <= G``, one group replicated
 on ``cp_size / G`` ranks when ``cp_size > G`` (:func:`kv_groups_of`; splitting and merging the
 K/V themselves: :mod:`stages.parallel.kv_shards`).
 
-A single-process run has no mesh: :class:`stages.dit.model.MagiDiT` keeps ``mesh = None``.
+The model (:class:`stages.dit.model.MagiDiT`) holds no mesh: a rank passes its mesh and its model
+to :func:`stages.parallel.pipeline.pipeline_forward`; a single-process run has no mesh at all.
 Everything here is torch.distributed (gloo on CPU, NCCL on CUDA); nothing imports Ray.
 """
 
@@ -22,12 +24,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from stages.parallel.weights import stage_layers
+from stages.parallel.weights import pp_stage_layers
 
 
 @dataclass(frozen=True)
 class MeshShape:
-    """``cp_size`` context-parallel ranks per stage x ``pp_size`` pipeline stages."""
+    """``cp_size`` context-parallel ranks per pipeline stage x ``pp_size`` pipeline stages."""
 
     cp_size: int = 1
     pp_size: int = 1
@@ -42,18 +44,18 @@ class MeshShape:
     def world_size(self) -> int:
         return self.cp_size * self.pp_size
 
-    def stage_of(self, rank: int) -> int:
+    def pp_stage_of(self, rank: int) -> int:
         return rank // self.cp_size
 
     def cp_rank_of(self, rank: int) -> int:
         return rank % self.cp_size
 
-    def rank_of(self, stage: int, cp_rank: int) -> int:
-        return stage * self.cp_size + cp_rank
+    def rank_of(self, pp_stage: int, cp_rank: int) -> int:
+        return pp_stage * self.cp_size + cp_rank
 
     @property
     def result_rank(self) -> int:
-        """The rank whose forward returns the velocities the engine uses (cp rank 0 of the last stage)."""
+        """The rank whose forward returns the velocities the engine uses (cp rank 0 of the last pipeline stage)."""
         return self.rank_of(self.pp_size - 1, 0)
 
 
@@ -84,9 +86,9 @@ def check_groups(cp_size: int, num_groups: int, num_heads: int | None = None) ->
 
 
 def check_layers(pp_size: int, num_layers: int) -> None:
-    """Raises ValueError (naming pp_size) unless the layers split evenly into ``pp_size`` stages."""
+    """Raises ValueError (naming pp_size) unless the layers split evenly into ``pp_size`` pipeline stages."""
     if num_layers < pp_size or num_layers % pp_size:
-        raise ValueError(f"pp_size {pp_size} must divide num_layers {num_layers} (equal stages, reference "
+        raise ValueError(f"pp_size {pp_size} must divide num_layers {num_layers} (equal pipeline stages, reference "
                          "_get_layer_offset)")
 
 
@@ -95,17 +97,17 @@ class ParallelMesh:
     """One process's view of the mesh (built by :func:`init_mesh`).
 
     Attributes:
-        shape, rank, stage, cp_rank: the mesh and this rank's place in it.
-        layers: global DiT layer indices of this rank's stage.
-        cp_group: torch.distributed group of this stage's cp ranks (None when cp_size == 1).
+        shape, rank, pp_stage, cp_rank: the mesh and this rank's place in it.
+        layers: global DiT layer indices of this rank's pipeline stage.
+        cp_group: torch.distributed group of this pipeline stage's cp ranks (None when cp_size == 1).
         kv_groups: KV head groups this rank stores (:func:`kv_groups_of`).
-        cp_kv_groups: the groups of every cp rank of the stage, by cp rank.
+        cp_kv_groups: the groups of every cp rank of the pipeline stage, by cp rank.
         micro_batches: pipeline micro-batches per forward (1 without a pipeline unless asked).
     """
 
     shape: MeshShape
     rank: int
-    stage: int
+    pp_stage: int
     cp_rank: int
     layers: range
     cp_group: Any
@@ -114,12 +116,12 @@ class ParallelMesh:
     micro_batches: int
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.stage == 0
+    def is_first_pp_stage(self) -> bool:
+        return self.pp_stage == 0
 
     @property
-    def is_last_stage(self) -> bool:
-        return self.stage == self.shape.pp_size - 1
+    def is_last_pp_stage(self) -> bool:
+        return self.pp_stage == self.shape.pp_size - 1
 
 
 def build_mesh(shape: MeshShape, rank: int, *, num_query_groups: int, num_layers: int,
@@ -139,17 +141,17 @@ def build_mesh(shape: MeshShape, rank: int, *, num_query_groups: int, num_layers
         micro_batches = 2 * shape.pp_size if shape.pp_size > 1 else 1
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-    stage, cp_rank = shape.stage_of(rank), shape.cp_rank_of(rank)
+    pp_stage, cp_rank = shape.pp_stage_of(rank), shape.cp_rank_of(rank)
     groups = tuple(kv_groups_of(r, shape.cp_size, num_query_groups) for r in range(shape.cp_size))
-    return ParallelMesh(shape=shape, rank=rank, stage=stage, cp_rank=cp_rank,
-                        layers=stage_layers(num_layers, shape.pp_size)[stage], cp_group=cp_group,
+    return ParallelMesh(shape=shape, rank=rank, pp_stage=pp_stage, cp_rank=cp_rank,
+                        layers=pp_stage_layers(num_layers, shape.pp_size)[pp_stage], cp_group=cp_group,
                         kv_groups=groups[cp_rank], cp_kv_groups=groups, micro_batches=micro_batches)
 
 
 def init_mesh(shape: MeshShape, rank: int, init_method: str, backend: str = "gloo", timeout_s: float = 120, *,
               num_query_groups: int, num_layers: int, micro_batches: int | None = None,
               num_attention_heads: int | None = None) -> ParallelMesh:
-    """Join the process group of the mesh and create every stage's cp group.
+    """Join the process group of the mesh and create every pipeline stage's cp group.
 
     Args:
         shape: the mesh; rank: this process's rank.
@@ -170,10 +172,10 @@ def init_mesh(shape: MeshShape, rank: int, init_method: str, backend: str = "glo
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=shape.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     if shape.cp_size > 1:
-        for stage in range(shape.pp_size):  # every rank creates every group, same order
-            group = dist.new_group([shape.rank_of(stage, c) for c in range(shape.cp_size)],
+        for pp_stage in range(shape.pp_size):  # every rank creates every group, same order
+            group = dist.new_group([shape.rank_of(pp_stage, c) for c in range(shape.cp_size)],
                                    timeout=datetime.timedelta(seconds=timeout_s))
-            if stage == mesh.stage:
+            if pp_stage == mesh.pp_stage:
                 mesh.cp_group = group
     return mesh
 

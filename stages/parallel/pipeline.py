@@ -1,18 +1,21 @@
 """One rank's part of a packed DiT forward over a parallel mesh (context x pipeline parallelism).
 
-Every rank of the mesh calls :meth:`stages.dit.model.MagiDiT.forward_packed` with the same
-windows and its own KV pool shard; :func:`pipeline_forward` is what a sharded model runs:
+The model stays a plain :class:`stages.dit.model.MagiDiT` (no mesh inside): :func:`shard_model`
+drops the layers other pipeline stages hold, and every rank of the mesh calls
+:func:`pipeline_forward` with its model, its mesh view, the same windows and its own KV pool
+shard:
 
 * every rank builds the step's metadata (layout, RoPE rows, adaLN conditions, caption tokens);
-  the first stage also embeds the patches;
+  the first pipeline stage also embeds the patches;
 * the packed tokens are cut at chunk boundaries into micro-batches of similar token count
   (:func:`split_micro_batches`; never a cut that would let a chunk read K/V that a later
   micro-batch writes, so the result equals the one-shot forward);
-* micro-batch by micro-batch, in packed order, each stage runs its layers on its cp rank's
-  token slice (:mod:`stages.parallel.ulysses`; reference ``cp_ulysses_process``) and sends the
-  hidden states to the same cp rank of the next stage (``isend``: the stage moves on to the
-  next micro-batch, so stages overlap; reference ``pipeline_parallel`` send/recv);
-* the last stage applies the final LayerNorm + linear, all-gathers the tokens inside its cp
+* micro-batch by micro-batch, in packed order, each pipeline stage runs its layers on its cp
+  rank's token slice (:mod:`stages.parallel.ulysses`; reference ``cp_ulysses_process``) and sends
+  the hidden states to the same cp rank of the next pipeline stage (``isend``: the pipeline stage
+  moves on to the next micro-batch, so pipeline stages overlap; reference ``pipeline_parallel``
+  send/recv);
+* the last pipeline stage applies the final LayerNorm + linear, all-gathers the tokens inside its cp
   group and unpatchifies: its ranks return the velocities, the other ranks return None.
 """
 
@@ -27,7 +30,8 @@ import torch.distributed as dist
 from stages.dit.attention import RangeSpec
 from stages.dit.layers import LayerContext
 from stages.dit.packed import KVBuffers, PackedWindow
-from stages.dit.step import pack_step
+from stages.dit.step import AbsentLayer, pack_step
+from stages.parallel.mesh import ParallelMesh, check_groups
 from stages.parallel.ulysses import Ulysses, local_span
 
 
@@ -151,38 +155,59 @@ class _StepSlicer:
         return ctx, lo, hi, loc
 
 
-def pipeline_forward(model, windows: list[PackedWindow], kv: KVBuffers, cross_per_chunk: bool = True):
-    """This rank's part of ``model.forward_packed(windows, kv, cross_per_chunk)`` (see module docstring).
+def shard_model(model, mesh: ParallelMesh):
+    """Keep only the layers of ``mesh.pp_stage`` in ``model`` (a :class:`stages.dit.model.MagiDiT`,
+    changed in place: :meth:`~stages.dit.model.MagiDiT.keep_layers`). Returns ``model``.
+
+    Raises:
+        ValueError: the heads / KV groups cannot be split ``cp_size`` ways (names cp_size);
+            a layer of ``mesh.layers`` is not held (loaded for another pipeline stage).
+    """
+    check_groups(mesh.shape.cp_size, model.cfg.num_query_groups, model.cfg.num_attention_heads)
+    missing = [i for i in mesh.layers if isinstance(model.videodit_blocks.layers[i], AbsentLayer)]
+    if missing:
+        raise ValueError(f"layers {missing} of pipeline stage {mesh.pp_stage} are not loaded")
+    return model.keep_layers(mesh.layers)
+
+
+def pipeline_forward(model, mesh: ParallelMesh, windows: list[PackedWindow], kv: KVBuffers,
+                     cross_per_chunk: bool = True) -> list[torch.Tensor] | None:
+    """This rank's part of ``model.forward_packed(windows, kv, cross_per_chunk)`` over ``mesh``
+    (see module docstring).
 
     Args:
-        model: a :class:`stages.dit.model.MagiDiT` after ``shard(mesh)``.
+        model: a :class:`stages.dit.model.MagiDiT` after :func:`shard_model` for ``mesh``.
+        mesh: this rank's view of the mesh (:func:`stages.parallel.mesh.init_mesh`).
         windows: the step's windows (the same on every rank of the mesh).
-        kv: this rank's KV shard: ``layer(i)`` for the stage's i-th layer, (Sk, len(kv_groups), Dh).
+        kv: this rank's KV shard: ``layer(i)`` for the pipeline stage's i-th layer,
+            (Sk, len(kv_groups), Dh).
     Returns:
-        per window the (C, T, H, W) float32 velocity on the last stage's ranks; None elsewhere.
+        per window the (C, T, H, W) float32 velocity on the last pipeline stage's ranks; None
+        elsewhere (and ``[]`` everywhere for no windows).
     Raises:
         ValueError: see :meth:`stages.dit.model.MagiDiT.forward_packed` (raised on every rank
             before any communication, since every rank checks the same windows).
     """
-    mesh = model.mesh
+    if not windows:
+        return []
     shape = mesh.shape
-    step = pack_step(model, windows, kv.num_tokens, cross_per_chunk, embed=mesh.is_first_stage)
+    step = pack_step(model, windows, kv.num_tokens, cross_per_chunk, embed=mesh.is_first_pp_stage)
     spans = chunk_spans(windows, step.tpcs)
     slicer = _StepSlicer(model, step, mesh, kv, windows, spans)
     blocks = [(i, model.videodit_blocks.layers[g]) for i, g in enumerate(mesh.layers)]
-    prev = shape.rank_of(mesh.stage - 1, mesh.cp_rank)
-    nxt = shape.rank_of(mesh.stage + 1, mesh.cp_rank)
+    prev = shape.rank_of(mesh.pp_stage - 1, mesh.cp_rank)
+    nxt = shape.rank_of(mesh.pp_stage + 1, mesh.cp_rank)
     outs, sends = [], []
     for c0, c1 in split_micro_batches(spans, mesh.micro_batches):
         ctx, lo, hi, loc = slicer.context(c0, c1)
-        if mesh.is_first_stage:
+        if mesh.is_first_pp_stage:
             hidden = _rows(step.hidden, lo, hi, loc).contiguous()
         else:
             hidden = torch.empty(loc, model.cfg.hidden_size, dtype=model.params_dtype, device=model.device)
             dist.recv(hidden, src=prev)
         for i, layer in blocks:
             hidden, _ = layer(hidden, ctx, i)
-        if not mesh.is_last_stage:
+        if not mesh.is_last_pp_stage:
             hidden = hidden.contiguous()
             sends.append((dist.isend(hidden, dst=nxt), hidden))  # keep the tensor alive until sent
             continue
@@ -190,6 +215,6 @@ def pipeline_forward(model, windows: list[PackedWindow], kv: KVBuffers, cross_pe
         outs.append(ctx.cp.gather_tokens(out) if ctx.cp is not None else out)
     for work, _ in sends:
         work.wait()
-    if not mesh.is_last_stage:
+    if not mesh.is_last_pp_stage:
         return None
     return model.unpatchify_windows(torch.cat(outs), step.shapes)

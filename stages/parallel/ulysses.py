@@ -28,7 +28,7 @@ def local_span(n: int, cp_size: int, cp_rank: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Ulysses:
-    """All-to-alls of one micro-batch inside a stage's cp group.
+    """All-to-alls of one micro-batch inside a pipeline stage's cp group.
 
     Attributes:
         group: the torch.distributed cp group; cp_size: its size; cp_rank: this rank in it.

@@ -90,14 +90,14 @@ def dit_shared_counts(cfg: DiTConfig, promoted: bool = True) -> Counts:
     return c
 
 
-def stage_layers(num_layers: int, pp_size: int) -> list[range]:
+def pp_stage_layers(num_layers: int, pp_size: int) -> list[range]:
     """Consecutive layers of each pipeline stage (reference ``_get_layer_offset``:
-    ``num_layers // pp_size`` layers per stage; the caller checks divisibility)."""
+    ``num_layers // pp_size`` layers per pipeline stage; the caller checks divisibility)."""
     per = num_layers // pp_size
     return [range(s * per, (s + 1) * per) for s in range(pp_size)]
 
 
-def dit_stage_counts(cfg: DiTConfig, layers: range, promoted: bool = True) -> Counts:
+def dit_pp_stage_counts(cfg: DiTConfig, layers: range, promoted: bool = True) -> Counts:
     """Elements per dtype held by a pipeline stage owning ``layers`` (shared parts included)."""
     c = dit_shared_counts(cfg, promoted)
     for layer in layers:
@@ -107,7 +107,7 @@ def dit_stage_counts(cfg: DiTConfig, layers: range, promoted: bool = True) -> Co
 
 def dit_weight_bytes(cfg: DiTConfig, promoted: bool = True) -> int:
     """Bytes of the whole DiT (one copy, all layers)."""
-    return nbytes(dit_stage_counts(cfg, range(cfg.num_layers), promoted))
+    return nbytes(dit_pp_stage_counts(cfg, range(cfg.num_layers), promoted))
 
 
 def t5_encoder_params(cfg: TextEncoderConfig) -> int:

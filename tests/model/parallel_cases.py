@@ -90,14 +90,14 @@ def make_pool(cfg, num_layers: int, num_groups: int) -> KVPool:
 
 
 @torch.no_grad()
-def run_case(dit, pool: KVPool, place, shift) -> dict:
+def run_case(forward, cfg, pool: KVPool, place, shift) -> dict:
     """Prefill ``pool`` with ``place(history)``, forward 1, re-base A's ring keys with ``shift``,
-    forward 2. Returns the velocities (or None) and the pool contents."""
-    cfg = dit.cfg
+    forward 2, each ``forward(windows, pool)``. Returns the velocities (or None) and the pool
+    contents."""
     pool.write(0, place(history(cfg)))
-    v1 = dit.forward_packed(windows_1(cfg), pool)
+    v1 = forward(windows_1(cfg), pool)
     pool.apply(SHIFT_SPAN[0], SHIFT_SPAN[1] - SHIFT_SPAN[0], shift)
-    v2 = dit.forward_packed(windows_2(cfg), pool)
+    v2 = forward(windows_2(cfg), pool)
     return {"v1": v1, "v2": v2, "pool": pool.read(0, pool.num_tokens)}
 
 
@@ -106,15 +106,17 @@ def rank_main(rank: int, shape, init_method: str, ckpt: str, out_dir: str, shift
     from stages.dit.weights import load_dit
     from stages.parallel.kv_shards import pool_dims, split_kv
     from stages.parallel.mesh import destroy_mesh, init_mesh
+    from stages.parallel.pipeline import pipeline_forward, shard_model
 
     torch.set_num_threads(1)
     cfg = tiny_cfg()
     mesh = init_mesh(shape, rank, init_method, "gloo", 60, num_query_groups=cfg.num_query_groups,
                      num_layers=cfg.num_layers, micro_batches=micro_batches, num_attention_heads=cfg.num_attention_heads)
     try:
-        dit = load_dit(Path(ckpt), cfg, layers=mesh.layers).shard(mesh)
+        dit = shard_model(load_dit(Path(ckpt), cfg, layers=mesh.layers), mesh)
         pool = make_pool(cfg, *pool_dims(cfg, mesh))
-        out = run_case(dit, pool, lambda full: split_kv(full, shape, rank, cfg), shift)
+        out = run_case(lambda windows, kv: pipeline_forward(dit, mesh, windows, kv), cfg, pool,
+                       lambda full: split_kv(full, shape, rank, cfg), shift)
         out["layers"] = list(mesh.layers)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:

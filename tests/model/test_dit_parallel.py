@@ -36,7 +36,8 @@ def reference(tiny_ckpt):
     """The single-process run (no mesh): velocities of both forwards and the whole pool."""
     cfg = tiny_cfg()
     dit = load_dit(tiny_ckpt, cfg)
-    out = run_case(dit, make_pool(cfg, cfg.num_layers, cfg.num_query_groups), lambda full: full, dit.rope_shift(2))
+    out = run_case(dit.forward_packed, cfg, make_pool(cfg, cfg.num_layers, cfg.num_query_groups), lambda full: full,
+                   dit.rope_shift(2))
     return dit, out
 
 
@@ -73,8 +74,8 @@ def test_mesh_forward_equals_single_process(cp, pp, micro_batches, tiny_ckpt, re
     results = _spawn(shape, tiny_ckpt, tmp_path, dit.rope_shift(2), micro_batches)
     diffs = []
     for rank, res in enumerate(results):
-        if shape.stage_of(rank) != pp - 1:
-            assert res["v1"] is None and res["v2"] is None, f"rank {rank} is not on the last stage"
+        if shape.pp_stage_of(rank) != pp - 1:
+            assert res["v1"] is None and res["v2"] is None, f"rank {rank} is not on the last pipeline stage"
             continue
         for key in ("v1", "v2"):
             assert [v.shape for v in res[key]] == [v.shape for v in ref[key]]
@@ -92,13 +93,13 @@ def test_mesh_forward_equals_single_process(cp, pp, micro_batches, tiny_ckpt, re
 
 def _check_replicas(results: list[dict], shape: MeshShape, cfg) -> None:
     """A KV group stored by several cp ranks (cp_size > G) holds the same K/V on each of them."""
-    for stage in range(shape.pp_size):
+    for pp_stage in range(shape.pp_size):
         holders: dict[int, list[int]] = {}
         for c in range(shape.cp_size):
             for g in kv_groups_of(c, shape.cp_size, cfg.num_query_groups):
                 holders.setdefault(g, []).append(c)
         for g, cps in holders.items():
-            reads = [results[shape.rank_of(stage, c)]["pool"] for c in cps]
+            reads = [results[shape.rank_of(pp_stage, c)]["pool"] for c in cps]
             idx = [list(kv_groups_of(c, shape.cp_size, cfg.num_query_groups)).index(g) for c in cps]
             for layer in range(len(reads[0])):
                 for other, i in zip(reads[1:], idx[1:]):

@@ -1,5 +1,6 @@
 """In-process parts of the distributed DiT: mesh bookkeeping and validation, KV shard
-merge/split, chunk-aligned micro-batches, stage-only weight loading, picklable RoPE re-basing.
+merge/split, chunk-aligned micro-batches, pipeline-stage-only weight loading, the pipeline forward
+of a one-rank mesh (the model holds no mesh), picklable RoPE re-basing.
 (The multi-process forwards are in test_dit_parallel.py.)"""
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from stages.dit.step import AbsentLayer
 from stages.dit.weights import load_dit, write_tiny_checkpoint
 from stages.parallel.kv_shards import merge_kv_reads, pool_dims, split_kv
 from stages.parallel.mesh import MeshShape, build_mesh, init_mesh, kv_groups_of
-from stages.parallel.pipeline import chunk_spans, split_micro_batches
-from tests.model.parallel_cases import tiny_cfg, windows_1
+from stages.parallel.pipeline import chunk_spans, pipeline_forward, shard_model, split_micro_batches
+from tests.model.parallel_cases import make_pool, run_case, tiny_cfg, windows_1
 
 
 def test_mesh_places_ranks_layers_and_kv_groups():
     shape = MeshShape(cp_size=2, pp_size=2)
     assert shape.world_size == 4 and shape.result_rank == 2
-    assert [(shape.stage_of(r), shape.cp_rank_of(r)) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(shape.pp_stage_of(r), shape.cp_rank_of(r)) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     mesh = build_mesh(shape, 3, num_query_groups=2, num_layers=4)
-    assert (mesh.stage, mesh.cp_rank, mesh.layers, mesh.kv_groups) == (1, 1, range(2, 4), range(1, 2))
-    assert mesh.is_last_stage and not mesh.is_first_stage and mesh.micro_batches == 4
+    assert (mesh.pp_stage, mesh.cp_rank, mesh.layers, mesh.kv_groups) == (1, 1, range(2, 4), range(1, 2))
+    assert mesh.is_last_pp_stage and not mesh.is_first_pp_stage and mesh.micro_batches == 4
     assert build_mesh(MeshShape(cp_size=2), 0, num_query_groups=2, num_layers=2).micro_batches == 1
     # sharded when cp <= G, replicated when cp > G (rank r holds the group of its query heads)
     assert [kv_groups_of(c, 2, 8) for c in range(2)] == [range(0, 4), range(4, 8)]
@@ -91,7 +92,7 @@ def test_micro_batches_are_chunk_aligned_balanced_and_never_read_ahead():
         split_micro_batches(causal, 0)
 
 
-def test_stage_loading_holds_only_its_layers(tmp_path):
+def test_pp_stage_loading_holds_only_its_layers(tmp_path):
     cfg = tiny_cfg()
     write_tiny_checkpoint(cfg, tmp_path, seed=1)
     full = load_dit(tmp_path, cfg)
@@ -103,9 +104,47 @@ def test_stage_loading_holds_only_its_layers(tmp_path):
     assert keys == {k for k in full.state_dict() if not k.startswith("videodit_blocks.layers.0.")}
     mesh = build_mesh(MeshShape(pp_size=2), 0, num_query_groups=2, num_layers=2)
     with pytest.raises(ValueError, match="not loaded"):
-        part.shard(mesh)  # stage 0 needs layer 0
+        shard_model(part, mesh)  # pipeline stage 0 needs layer 0
     with pytest.raises(RuntimeError, match="another pipeline stage"):
         part.videodit_blocks.layers[0](torch.zeros(1))
+
+
+def test_a_pipeline_stage_model_is_a_plain_module(tmp_path):
+    """Sharding leaves no mesh in the model: its own forward stays the single-process one
+    (which cannot run without the other pipeline stage's layers) instead of dispatching to
+    the pipeline; the rank passes its mesh to pipeline_forward."""
+    cfg = tiny_cfg()
+    write_tiny_checkpoint(cfg, tmp_path, seed=4)
+    mesh = build_mesh(MeshShape(pp_size=2), 1, num_query_groups=cfg.num_query_groups, num_layers=cfg.num_layers)
+    part = shard_model(load_dit(tmp_path, cfg, layers=mesh.layers), mesh)
+    assert not hasattr(part, "mesh") and not hasattr(part, "shard")
+    with pytest.raises(RuntimeError, match="another pipeline stage"):
+        part.forward_packed(windows_1(cfg), make_pool(cfg, *pool_dims(cfg, mesh)))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_one_rank_pipeline_forward_equals_the_model_forward(micro_batches, tmp_path):
+    """A one-rank mesh needs no torch.distributed: pipeline_forward(model, mesh, ...) runs in this
+    process (micro-batched when asked) and equals the model's own forward (velocities and pool)."""
+    cfg = tiny_cfg()
+    write_tiny_checkpoint(cfg, tmp_path, seed=5)
+    dit = load_dit(tmp_path, cfg)
+    shift = dit.rope_shift(2)
+    pool_of = lambda: make_pool(cfg, cfg.num_layers, cfg.num_query_groups)  # noqa: E731
+    want = run_case(dit.forward_packed, cfg, pool_of(), lambda full: full, shift)
+    mesh = build_mesh(MeshShape(), 0, num_query_groups=cfg.num_query_groups, num_layers=cfg.num_layers,
+                      micro_batches=micro_batches)
+    dit = shard_model(dit, mesh)
+    got = run_case(lambda windows, kv: pipeline_forward(dit, mesh, windows, kv), cfg, pool_of(), lambda full: full,
+                   shift)
+    assert pipeline_forward(dit, mesh, [], pool_of()) == []
+    for key in ("v1", "v2"):
+        assert len(got[key]) == len(want[key])
+        for g, w in zip(got[key], want[key]):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    for (gk, gv), (wk, wv) in zip(got["pool"], want["pool"]):
+        torch.testing.assert_close(gk, wk, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gv, wv, atol=1e-5, rtol=1e-5)
 
 
 def test_rope_shift_is_picklable_and_equals_the_model_method(tmp_path):

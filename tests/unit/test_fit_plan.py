@@ -58,7 +58,7 @@ def test_kv_is_sharded_by_head_group_and_replicated_beyond_it():
 def test_more_cp_means_fewer_bytes_per_gpu(preset):
     model = load_preset(preset)
     plans = [plan_fit(model, "h200", FitSettings(cp_size=cp, **ONE)) for cp in (1, 2, 4, 8)]
-    assert len({p.weights_bytes for p in plans}) == 1  # every cp rank holds the full stage
+    assert len({p.weights_bytes for p in plans}) == 1  # every cp rank holds the full pipeline stage
     for a, b in zip(plans, plans[1:]):
         assert b.activation_bytes < a.activation_bytes
         assert b.kv_bytes_per_job < a.kv_bytes_per_job

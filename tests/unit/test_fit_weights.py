@@ -12,7 +12,7 @@ import torch
 
 from stages.config import DiTConfig, TextEncoderConfig, VaeConfig, load_preset, magi_tiny
 from stages.parallel.weights import (
-    DTYPE_BYTES, dit_layer_counts, dit_shared_counts, dit_stage_counts, dit_weight_bytes, nbytes, stage_layers,
+    DTYPE_BYTES, dit_layer_counts, dit_pp_stage_counts, dit_shared_counts, dit_weight_bytes, nbytes, pp_stage_layers,
     t5_encoder_params, vae_params,
 )
 from tests import shared_data
@@ -66,7 +66,7 @@ def test_arithmetic_equals_manifest_per_layer_and_dtype(name):
         assert dit_shared_counts(cfg, promoted) == _count(shared, key)
         for layer, entries in by_layer.items():
             assert dit_layer_counts(cfg, layer, promoted) == _count(entries, key), (name, layer, promoted)
-    total = dit_stage_counts(cfg, range(cfg.num_layers))
+    total = dit_pp_stage_counts(cfg, range(cfg.num_layers))
     assert sum(total.values()) == entry["num_elements"]
     assert nbytes(total) == sum(
         DTYPE_BYTES[e["dtype_after_high_precision_promoter"].replace("torch.", "")] * math.prod(e["shape"])
@@ -98,20 +98,20 @@ def test_arithmetic_equals_meta_device_model(preset):
     cfg = load_preset(preset).dit
     with torch.device("meta"):
         model = MagiDiT(cfg)
-    assert _meta_bytes(model) == dit_stage_counts(cfg, range(cfg.num_layers), promoted=False)
-    assert _meta_bytes(model.promote_high_precision()) == dit_stage_counts(cfg, range(cfg.num_layers))
+    assert _meta_bytes(model) == dit_pp_stage_counts(cfg, range(cfg.num_layers), promoted=False)
+    assert _meta_bytes(model.promote_high_precision()) == dit_pp_stage_counts(cfg, range(cfg.num_layers))
 
 
 @pytest.mark.parametrize("pp", [1, 2, 3, 4, 6])
 def test_pipeline_stages_partition_the_layers(pp):
     cfg = load_preset("magi-24B-distill-fp8").dit
-    stages = stage_layers(cfg.num_layers, pp)
-    assert [layer for r in stages for layer in r] == list(range(cfg.num_layers))
-    per_stage = [nbytes(dit_stage_counts(cfg, r)) for r in stages]
+    pp_stages = pp_stage_layers(cfg.num_layers, pp)
+    assert [layer for r in pp_stages for layer in r] == list(range(cfg.num_layers))
+    per_pp_stage = [nbytes(dit_pp_stage_counts(cfg, r)) for r in pp_stages]
     shared = nbytes(dit_shared_counts(cfg))
-    assert sum(per_stage) == dit_weight_bytes(cfg) + (pp - 1) * shared  # embedders on every stage
-    if pp > 2:  # the bf16 first and last layers make the outer stages the heaviest
-        assert per_stage[0] > per_stage[1] and per_stage[-1] > per_stage[1]
+    assert sum(per_pp_stage) == dit_weight_bytes(cfg) + (pp - 1) * shared  # embedders on every pipeline stage
+    if pp > 2:  # the bf16 first and last layers make the outer pipeline stages the heaviest
+        assert per_pp_stage[0] > per_pp_stage[1] and per_pp_stage[-1] > per_pp_stage[1]
 
 
 @pytest.mark.parametrize("cfg", [TextEncoderConfig(), magi_tiny().text_encoder], ids=["xxl", "tiny"])
