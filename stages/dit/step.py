@@ -1,4 +1,4 @@
-"""Per-forward inputs of a packed DiT forward, and the placeholder of a layer another stage holds.
+"""Per-forward inputs of a packed DiT forward, and the placeholder of a layer another pipeline stage holds.
 
 :func:`pack_step` computes what every layer of :meth:`stages.dit.model.MagiDiT.forward_packed`
 shares (patch embeddings, RoPE rows, adaLN conditions, caption tokens, the packed layout). The
