@@ -3,7 +3,8 @@ the GPUs of one engine replica, and how many concurrent jobs does the pool admit
 
 Per GPU rank (all ranks of a replica are planned as the heaviest one)::
 
-    fixed  = weights(pp_stage) + activations(step of j jobs) + cuda_context + nccl_buffers + fragmentation_fraction * memory
+    fixed  = weights(pp_stage) + activations(step of j jobs) + cuda_context + nccl_buffers
+             + fragmentation_fraction * memory
     free   = memory - fixed
     budget = kv_pool_fraction * free                       (KV pool + job latents, per rank)
     jobs   = floor(budget / per_job)   per_job = the job's KV-pool region + its latents

@@ -77,7 +77,7 @@ def test_multi_job_pipeline_matches_single_process(service, checkpoint, single, 
     engine = _engine(cfg, path, mesh, max_active_jobs=3)
     try:
         assert engine.pool.num_blocks == blocks
-        cp, pp = mesh  # rank 0's shard: its stage's layers, its KV head groups (magi-tiny: 2 layers, 2 groups)
+        cp, pp = mesh  # rank 0's shard: its pipeline stage's layers, its KV head groups (magi-tiny: 2 layers, 2 groups)
         assert (engine.pool.num_layers, engine.pool.layer(0)[0].shape[1]) == (2 // pp, 2 // cp)
         got = drain(engine, _schedule)
     finally:
