@@ -34,6 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from cluster.client.sdk import MagiClient, make_request  # noqa: E402
 from cluster.config import ServiceConfig  # noqa: E402
+from cluster.engine.stats import ttfc_tpoc  # noqa: E402
 
 
 @dataclass
@@ -44,8 +45,8 @@ class Timing:
 
     @staticmethod
     def from_chunk_times(start: float, chunk_times: list[float], end: float) -> "Timing":
-        gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
-        return Timing(chunk_times[0] - start, statistics.mean(gaps) if gaps else 0.0, end - start)
+        ttfc, tpoc = ttfc_tpoc(start, chunk_times[0], chunk_times[-1], len(chunk_times))
+        return Timing(ttfc, tpoc or 0.0, end - start)
 
 
 async def _run_local(local, request) -> Timing:

@@ -1,7 +1,8 @@
 """Internal messages between the ingress, the stages and the engine (one module): requests
 (``JobSpec``, ``EngineJob``, ``CaptionEmbedding``) and the events of a job's stream
-(``QueuePosition``, ``Progress``, ``LatentChunk``). Engine-internal lifecycle events are in
-:mod:`cluster.engine.events`.
+(``QueuePosition``, ``Progress``, ``LatentChunk``) and its lifecycle in the engine
+(``JobAdmitted``, ``JobFinished``). The scheduler's step plans are its own plain data
+(:mod:`cluster.scheduler.plan`, :mod:`cluster.scheduler.step_plan`), read only by the engine.
 
 Tensors travel as ``torch.Tensor`` on CPU (Ray serializes them zero-copy); the
 public API is the .proto in ``proto/magi/v1``. Shapes use named dims:
@@ -110,3 +111,23 @@ class QueuePosition:
 
     job_id: str
     position: int
+
+
+@dataclass(frozen=True)
+class JobAdmitted:
+    """A queued or newly submitted job got its KV region; it runs from this step on.
+    ``queued_s``: seconds it waited (0 when admitted at submit)."""
+
+    job_id: str
+    queued_s: float
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """A job left the engine: ``state`` "done" (last chunk emitted), "cancelled" or "failed"
+    (``error`` says why); ``chunks``: chunks it emitted. Its KV region is back in the pool."""
+
+    job_id: str
+    state: str
+    chunks: int
+    error: str | None = None

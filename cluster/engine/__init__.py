@@ -8,7 +8,8 @@ cancel / update_prompt / stats``), which the DiTEngine deployment wraps.
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.errors import EngineBusy, JobCancelled, JobFailed, JobNotFound
-from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo
+from cluster.engine.events import JobHandle, StepInfo
+from cluster.messages import JobAdmitted, JobFinished
 from cluster.engine.loop import Engine
 from cluster.engine.snapshot import JobSnapshot
 from cluster.engine.stats import EngineStats, Histogram, HistogramSnapshot, JobStat

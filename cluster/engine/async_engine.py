@@ -41,7 +41,8 @@ from cluster.config import EngineSettings
 from cluster.engine.compute import ComputeThread
 from cluster.engine.early_cancels import EarlyCancels
 from cluster.engine.errors import JobCancelled, JobFailed, JobNotFound
-from cluster.engine.events import JobAdmitted, JobFinished, JobHandle
+from cluster.engine.events import JobHandle
+from cluster.messages import JobAdmitted, JobFinished
 from cluster.engine.loop import Engine
 from cluster.engine.job_stream import JobStream
 from cluster.engine.stats import EngineStats, JobStat

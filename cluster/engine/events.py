@@ -2,7 +2,7 @@
 
 ``Engine.step()`` returns, in order, for every job of the step: ``cluster.messages.Progress``
 (one per denoising step), ``cluster.messages.LatentChunk`` (a chunk became clean), and the
-lifecycle events below. Route them by ``job_id``.
+lifecycle events ``cluster.messages.JobAdmitted`` / ``JobFinished``. Route them by ``job_id``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from cluster.messages import LatentChunk, Progress
+from cluster.messages import JobAdmitted, JobFinished, LatentChunk, Progress  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from cluster.engine.prepare import JobState
@@ -23,26 +23,6 @@ class QueueView(Protocol):
     """What a :class:`JobHandle` asks its engine (:class:`cluster.engine.loop.Engine`)."""
 
     def queue_position(self, job_id: str) -> int | None: ...
-
-
-@dataclass(frozen=True)
-class JobAdmitted:
-    """A queued or newly submitted job got its KV region; it runs from this step on.
-    ``queued_s``: seconds it waited (0 when admitted at submit)."""
-
-    job_id: str
-    queued_s: float
-
-
-@dataclass(frozen=True)
-class JobFinished:
-    """A job left the engine: ``state`` "done" (last chunk emitted), "cancelled" or "failed"
-    (``error`` says why); ``chunks``: chunks it emitted. Its KV region is back in the pool."""
-
-    job_id: str
-    state: str
-    chunks: int
-    error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,13 @@ import torch
 
 from cluster.engine import snapshot as snapshots
 from cluster.engine.errors import EngineBusy, JobNotFound
-from cluster.engine.events import JobAdmitted, JobFinished, JobHandle, StepInfo, job_events
+from cluster.engine.events import JobHandle, StepInfo, job_events
 from cluster.engine.kv_layout import JobKV
 from cluster.engine.prepare import JobPreparer, JobState
 from cluster.engine.ranks import RankGroup, ShardedForward, ShardedKVPool
 from cluster.engine.runner import BatchRunner, StepOutcome
 from cluster.engine.stats import EngineStats, Histogram, JobStat
-from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk
+from cluster.messages import CaptionEmbedding, EngineJob, JobAdmitted, JobFinished, LatentChunk
 from cluster.scheduler.admission import Admission, QueueFull
 from cluster.scheduler.kv_ring import KVRing
 from cluster.scheduler.step_plan import EngineStepPlan, JobPlan, plan_step, update_job

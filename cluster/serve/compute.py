@@ -11,8 +11,6 @@ from cluster.config import DeploymentSettings, ServiceConfig
 from stages.config import ModelConfig
 from stages.model_store import CheckpointPaths, ensure_checkpoints
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def prepare_replica(cfg: ServiceConfig, settings: DeploymentSettings) -> tuple[ModelConfig, CheckpointPaths]:
     """Start-up shared by the model deployments: torch threads, model config, checkpoint folders.

@@ -8,8 +8,9 @@ import logging
 from cluster.capacity import replica_capacity
 from cluster.config import ServiceConfig
 from cluster.engine import Engine
-from cluster.serve.compute import DTYPES, prepare_replica, replica_device
+from cluster.serve.compute import prepare_replica, replica_device
 from cluster.serve.ranks import start_rank_group
+from stages.dtypes import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,6 @@ def start_engine(cfg: ServiceConfig) -> Engine:
     if cfg.parallel.world_size > 1:
         ranks = start_rank_group(cfg.parallel, settings, model, str(paths.dit), device, dtype, settings.torch_threads,
                                  attention=cfg.engine.attention)
-    return Engine.from_checkpoint(model, paths.dit, device=device, dtype=DTYPES[dtype], ranks=ranks,
+    return Engine.from_checkpoint(model, paths.dit, device=device, dtype=torch_dtype(dtype), ranks=ranks,
                                   attention=cfg.engine.attention, queue_limit=cfg.engine.queue_limit,
                                   **capacity.engine_kwargs())
