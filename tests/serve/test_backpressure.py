@@ -11,23 +11,22 @@ from cluster.client.sdk import make_request
 from cluster.serve.ray_patches import STREAM_OBJECTS
 from magi.v1 import generate_pb2 as pb
 from magi.v1 import generate_pb2_grpc as pb_grpc
-from tests.serve.conftest import SERVE_TEST_CONFIG, Collected
-from tests.serve.contract_client import actor_pid, process_rss
-from tests.serve.serve_helpers import poll
+from conftest import Collected
+from contract_client import actor_pid, process_rss
+from serve_helpers import poll
 
-CFG = SERVE_TEST_CONFIG
 PROMPT = "a paper boat drifting down a gutter"
 SETTLED_POLLS = 5  # the job stays paused with the same chunk count over this many polls
 
 
-def emitted_bound(read_chunks: int) -> int:
+def emitted_bound(cfg, read_chunks: int) -> int:
     """Most chunks the engine may have produced for a client that read ``read_chunks`` and
     stalled, whatever the video's length: the engine's buffer (``engine.max_buffered_chunks``),
     the DiT -> ingress Ray stream (``STREAM_OBJECTS`` objects, at most one chunk each), the
     ingress's decodes (``max_pending_decodes``) + the chunk it is sending, the ingress -> proxy
     Ray stream (``STREAM_OBJECTS`` messages) + the message the ingress waits to yield + the one
     the proxy is writing (the client's 64 KiB HTTP/2 window holds less than one message)."""
-    return read_chunks + CFG.engine.max_buffered_chunks + 2 * STREAM_OBJECTS + CFG.max_pending_decodes + 3
+    return read_chunks + cfg.engine.max_buffered_chunks + 2 * STREAM_OBJECTS + cfg.max_pending_decodes + 3
 
 
 def stalled_state(dit_engine, job_id: str):
@@ -48,7 +47,8 @@ def test_a_stalled_client_pauses_its_job_without_buffering_and_gets_every_chunk(
     its HTTP/2 receive window (bandwidth-delay probing, to ~6 MB here) and let the proxy push that
     much more into the client's socket buffers, which no server-side bound can hold back; with
     it off the window stays 64 KiB, so what the service holds is what this test bounds."""
-    request = make_request(PROMPT, num_chunks=CFG.limits.max_chunks, num_steps=4, seed=11, output_format="raw")
+    cfg = service.cfg
+    request = make_request(PROMPT, num_chunks=cfg.limits.max_chunks, num_steps=4, seed=11, output_format="raw")
     reference = run_job(request)  # an unstalled client; also warms the ingress and proxy up
     other_request = make_request(PROMPT, num_chunks=2, num_steps=4, seed=12)
     alone = run_job(other_request)
@@ -75,7 +75,7 @@ def test_a_stalled_client_pauses_its_job_without_buffering_and_gets_every_chunk(
         still = dit_engine.job_stats.remote(stalled.job_id).result()
         rest = list(call)
     growth = {name: after[name] - before[name] for name in pids}
-    bound = emitted_bound(read_chunks=1)
+    bound = emitted_bound(cfg, read_chunks=1)
     print(f"stalled job: {stat['chunks']} of {acc.num_chunks} chunks emitted (bound {bound}), "
           f"RSS growth MiB {({k: round(v / 2**20, 1) for k, v in growth.items()})}, "
           f"bound {bound * chunk_bytes / 2**20:.1f} MiB; another job's total time beside the paused job / "
