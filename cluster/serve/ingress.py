@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ServiceConfig
 from cluster.engine import EngineBusy
-from cluster.messages import CaptionEmbedding, EngineJob
+from cluster.messages import CaptionEmbedding, EngineJob, JobSpec
 from cluster.pipeline import Pipeline, StreamClock
 from cluster.pipeline.flow import EngineEvent
 from cluster.serve import errors
@@ -97,9 +97,7 @@ class GrpcIngress:
 
     async def _generate(self, request: bytes) -> AsyncIterator[pb.GenerateResponse]:
         clock = StreamClock()
-        req = parse_request(pb.GenerateRequest, request, self._cfg.limits)
-        job_id = check_job_id(req.job_id) if req.job_id else uuid.uuid4().hex
-        spec = await asyncio.to_thread(validate_request, req, self._model, self._cfg.limits, job_id)
+        spec = await asyncio.to_thread(_job_spec, request, self._model, self._cfg.limits)  # MBs of media: off the loop
         async for message in self._pipeline.generate(spec, clock):
             yield message
 
@@ -187,3 +185,15 @@ class ServeStages:
 
     async def decode(self, latent, job_id: str):
         return await self._vae.decode.remote(latent, job_id)
+
+
+def _job_spec(request: bytes, model, limits) -> JobSpec:
+    """Parse and validate a Generate request (raw bytes) into its job spec; the job id is the
+    client's or a fresh one.
+
+    Raises:
+        stages.errors.InvalidInput: the request does not parse or a field is invalid (named).
+    """
+    req = parse_request(pb.GenerateRequest, request, limits)
+    job_id = check_job_id(req.job_id) if req.job_id else uuid.uuid4().hex
+    return validate_request(req, model, limits, job_id)
