@@ -131,3 +131,21 @@ class JobFinished:
     state: str
     chunks: int
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused request crossing a deployment boundary as a value, not a raised error (so the
+    refusing replica logs one line, not a traceback at ERROR): the last event of
+    ``DiTEngine.run``, or what ``DiTEngine.update_prompt`` returns. The caller re-raises
+    ``error`` (:meth:`raise_error`).
+
+    Attributes:
+        error: the picklable refusal: ``stages.errors.InvalidInput``, ``cluster.engine.EngineBusy``,
+            ``cluster.engine.JobNotFound`` or ``cluster.engine.JobCancelled``.
+    """
+
+    error: Exception
+
+    def raise_error(self):
+        raise self.error

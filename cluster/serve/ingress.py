@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ServiceConfig
 from cluster.engine import EngineBusy
-from cluster.messages import CaptionEmbedding, EngineJob, JobSpec
+from cluster.messages import CaptionEmbedding, EngineJob, JobSpec, Refusal
 from cluster.pipeline import Pipeline, StreamClock
 from cluster.pipeline.flow import EngineEvent
 from cluster.serve import errors
@@ -129,7 +129,9 @@ class GrpcIngress:
             req = parse_request(pb.UpdatePromptRequest, request, self._cfg.limits)
             job_id, start_chunk, text = validate_update(req, self._cfg.limits)
             (caption,) = await self._text.encode.remote([text])
-            await self._dit.update_prompt.remote(job_id, start_chunk, caption)
+            refusal = await self._dit.update_prompt.remote(job_id, start_chunk, caption)
+            if refusal is not None:
+                refusal.raise_error()
         except Exception as exc:  # noqa: BLE001  (mapped to a status)
             errors.set_status(grpc_context, rid, "UpdatePrompt", exc)
             return pb.UpdatePromptResponse()
@@ -174,6 +176,8 @@ class ServeStages:
         finished = False
         try:
             async for event in dit_stream:
+                if isinstance(event, Refusal):
+                    event.raise_error()
                 yield event
             finished = True
         finally:

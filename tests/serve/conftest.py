@@ -38,7 +38,7 @@ def _handle(name: str):
 
 @pytest.fixture()
 def dit_engine(service):
-    """Handle of the DiTEngine deployment (job_stats, active_jobs, step_intervals)."""
+    """Handle of the DiTEngine deployment (job_stats, active_jobs, engine_stats)."""
     return _handle("DiTEngine")
 
 

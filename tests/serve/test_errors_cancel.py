@@ -81,8 +81,12 @@ def test_jobs_batch_and_a_full_engine_refuses_with_retry_hint(client, dit_engine
 
     # The two running jobs share DiT forwards (continuous batching): identical step intervals.
     next(rest[0]), next(rest[1])
-    shared = set(dit_engine.step_intervals.remote(first.job_id).result()) & set(
-        dit_engine.step_intervals.remote(second.job_id).result())
+    shared = set(_step_intervals(dit_engine, first.job_id)) & set(_step_intervals(dit_engine, second.job_id))
     assert shared
     first.cancel(), second.cancel()
     assert poll(lambda: not dit_engine.active_jobs.remote().result())
+
+
+def _step_intervals(dit_engine, job_id: str) -> list[tuple[float, float]]:
+    """Wall-clock (start, end) of the job's recent engine steps (its JobStat.step_intervals)."""
+    return [tuple(i) for i in dit_engine.job_stats.remote(job_id).result()["step_intervals"]]

@@ -43,7 +43,7 @@ def test_stream_order_and_playable_mp4(run_job, dit_engine, vae_decoder):
     assert 0 < job.done.ttfc_s <= job.done.total_s and job.done.num_chunks == 3
 
     # Pipelining: chunk 0's VAE decode ran while the DiT was running a later step of the job.
-    steps = dit_engine.step_intervals.remote(acc.job_id).result()
+    steps = dit_engine.job_stats.remote(acc.job_id).result()["step_intervals"]
     decodes = vae_decoder.decode_intervals.remote(acc.job_id).result()
     assert len(steps) == 6 and len(decodes) == 3  # 4 steps/chunk, window 4: 1 * (3 + 4 - 1) forwards
     d_start, d_end = decodes[0]
