@@ -33,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from cluster.config import EngineSettings
@@ -46,6 +44,7 @@ from cluster.messages import JobAdmitted, JobFinished
 from cluster.engine.loop import Engine
 from cluster.engine.job_stream import JobStream
 from cluster.engine.stats import EngineStats, JobStat
+from cluster.engine.step_result import StepResult, take_step
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress, QueuePosition
 from stages.errors import InvalidInput
 
@@ -56,18 +55,6 @@ _DEFAULTS = EngineSettings()  # the one home of the backpressure defaults
 #: ``on_step(stats, step_s, events)``: called on the event loop after every engine step with
 #: ``Engine.stats()``, the step's wall time in seconds (None if no forward ran) and its events.
 StepObserver = Callable[[EngineStats, "float | None", list], None]
-
-
-@dataclass
-class _StepResult:
-    """What one engine step gave (built in the compute thread)."""
-
-    events: list
-    ran: tuple[str, ...]  # jobs in the step's forward
-    interval: tuple[float, float]  # time.time() start, end
-    stats: EngineStats
-    timings: dict[str, tuple[float | None, float | None]]  # job -> (ttfc_s, tpoc_s) of jobs that ran
-    has_work: bool
 
 
 class AsyncEngine:
@@ -130,7 +117,7 @@ class AsyncEngine:
             self._forget(rec)  # refused: no stats
             raise
         if position is not None and rec.state == "queued":
-            self._send_position(rec, position)
+            rec.send_position(position)
         self._kick()
 
     async def events(self, job_id: str) -> AsyncIterator[QueuePosition | Progress | LatentChunk]:
@@ -208,17 +195,6 @@ class AsyncEngine:
         self._handles[job.spec.job_id] = handle
         return handle.total_forwards, handle.queue_position
 
-    def _step(self) -> _StepResult:
-        before, start = self.engine.last_step, time.time()
-        events = self.engine.step()
-        end, after = time.time(), self.engine.last_step
-        ran = after.job_ids if after is not None and after is not before else ()
-        timings = {j: (h.ttfc_s, h.tpoc_s) for j in ran if (h := self._handles.get(j)) is not None}
-        for event in events:
-            if isinstance(event, JobFinished):
-                self._handles.pop(event.job_id, None)
-        return _StepResult(events, ran, (start, end), self.engine.stats(), timings, self.engine.has_work)
-
     # ----- event loop ------------------------------------------------------------
     def _kick(self) -> None:
         """Make the step loop run (start it on first use)."""
@@ -235,21 +211,19 @@ class AsyncEngine:
             try:
                 has_work = True
                 while has_work:
-                    result = await self._compute.call(self._step)
+                    result = await self._compute.call(take_step, self.engine, self._handles)
                     self._apply(result)
                     has_work = result.has_work
             except Exception as exc:  # noqa: BLE001 - a bug: fail every waiting stream, do not hang
                 log.exception("DiT engine step loop failed; failing every queued and running job")
                 self._fail_all(f"engine step failed ({type(exc).__name__})")
 
-    def _apply(self, result: _StepResult) -> None:
+    def _apply(self, result: StepResult) -> None:
         start, end = result.interval
         for job_id in result.ran:
             rec = self._jobs.get(job_id)
             if rec is not None and not rec.ended:
-                rec.steps += 1
-                rec.intervals.append((start, end))
-                rec.timings = result.timings.get(job_id, rec.timings)
+                rec.ran_step(start, end, result.timings.get(job_id, rec.timings))
         for event in result.events:
             self._route(event)
         for job in result.stats.jobs:
@@ -257,7 +231,7 @@ class AsyncEngine:
             if rec is not None and not rec.ended:
                 rec.kv_bytes = job.kv_bytes
                 if rec.state == "queued" and job.queue_position is not None:
-                    self._send_position(rec, job.queue_position)
+                    rec.send_position(job.queue_position)
         if self._on_step is not None:
             self._on_step(result.stats, result.stats.last_step_s if result.ran else None, result.events)
 
@@ -290,11 +264,6 @@ class AsyncEngine:
             log.warning("job %s: paused %.0f s (its reader took nothing; engine.paused_timeout_s): cancelled",
                         rec.job_id, self._paused_timeout_s)
             self._cancel_soon(rec.job_id)
-
-    def _send_position(self, rec: JobStream, position: int) -> None:
-        if rec.position != position:
-            rec.position = position
-            rec.queue.put_nowait(QueuePosition(rec.job_id, position))
 
     def _cancel_soon(self, job_id: str) -> None:
         """Cancel in the engine without waiting (after every call already submitted)."""

@@ -13,7 +13,7 @@ import collections
 import time
 
 from cluster.engine.stats import JobStat
-from cluster.messages import LatentChunk
+from cluster.messages import LatentChunk, QueuePosition
 
 STEP_HISTORY = 64  # step intervals kept per job
 
@@ -64,6 +64,18 @@ class JobStream:
         """The reader took ``event`` from the queue; True when a paused job should resume."""
         self.buffered -= isinstance(event, LatentChunk)
         return self.paused and not self.ended and self.buffered < self.max_buffered
+
+    def send_position(self, position: int) -> None:
+        """Queue a :class:`QueuePosition` if ``position`` (0 = next) differs from the last sent."""
+        if self.position != position:
+            self.position = position
+            self.queue.put_nowait(QueuePosition(self.job_id, position))
+
+    def ran_step(self, start: float, end: float, timings: tuple[float | None, float | None]) -> None:
+        """The job was in a step from ``start`` to ``end`` (time.time()); ``timings``: (ttfc_s, tpoc_s)."""
+        self.steps += 1
+        self.intervals.append((start, end))
+        self.timings = timings
 
     def set_paused(self, paused: bool, timer=None) -> None:
         """Record a pause (with the timer that ends it if it lasts) or a resume."""
