@@ -14,21 +14,19 @@ sized like a DiTEngine replica's (:func:`cluster.capacity.replica_capacity`) on 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any, AsyncGenerator, AsyncIterator, Sequence
 
 from cluster.capacity import replica_capacity
 from cluster.config import ServiceConfig
-from cluster.engine import AsyncEngine, Engine
+from cluster.engine.service import async_engine_for, engine_for
 from cluster.engine.compute import ComputeThread
 from cluster.messages import CaptionEmbedding, EngineJob
 from cluster.pipeline.flow import EngineEvent, Pipeline
 from cluster.pipeline.stream import StreamClock
-from cluster.serve.cancels import check_job_id
-from cluster.serve.validate import validate_request
+from cluster.serve.validate import request_spec
 from magi.v1 import generate_pb2 as pb
 from stages.config import ModelConfig
-from stages.model_store import CheckpointPaths, ensure_checkpoints
+from stages.model_store import ensure_checkpoints
 
 
 class LocalStages:
@@ -50,7 +48,8 @@ class LocalStages:
         paths = ensure_checkpoints(model, cfg.checkpoint_root)
         self._t5 = T5TextEncoder(paths.text_encoder, model.text_encoder)
         self._codec = VaeCodec(load_vae(paths.vae, model.vae), model.vae, fps=model.sampling.fps)
-        self.engine = AsyncEngine(_engine(cfg, model, paths))
+        capacity = replica_capacity(cfg, model, dtype="float32")  # one process, float32 on CPU
+        self.engine = async_engine_for(engine_for(cfg, model, paths.dit, capacity), cfg.engine)
         self._text_thread, self._vae_thread = ComputeThread("t5"), ComputeThread("vae")
 
     async def encode_text(self, texts: Sequence[str]) -> list[CaptionEmbedding]:
@@ -81,13 +80,6 @@ class LocalStages:
         self._vae_thread.close()
 
 
-def _engine(cfg: ServiceConfig, model: ModelConfig, paths: CheckpointPaths) -> Engine:
-    """The DiT engine of one process, limits as a DiTEngine replica's (float32 on CPU)."""
-    capacity = replica_capacity(cfg, model, dtype="float32")
-    return Engine.from_checkpoint(model, paths.dit, attention=cfg.engine.attention, queue_limit=cfg.engine.queue_limit,
-                                  **capacity.engine_kwargs())
-
-
 class LocalPipeline:
     """:class:`Pipeline` over :class:`LocalStages`: requests in, ``Generate`` messages out.
 
@@ -104,11 +96,10 @@ class LocalPipeline:
 
         Raises:
             stages.errors.InvalidInput: a bad request field (named), as the ingress's
-                :func:`cluster.serve.validate.validate_request`; else what a stage raises.
+                :func:`cluster.serve.validate.request_spec`; else what a stage raises.
         """
         clock = StreamClock()
-        job_id = check_job_id(request.job_id) if request.job_id else uuid.uuid4().hex
-        spec = await asyncio.to_thread(validate_request, request, self.model, self.cfg.limits, job_id)
+        spec = await asyncio.to_thread(request_spec, request, self.model, self.cfg.limits)
         async for message in self.pipeline.generate(spec, clock):
             yield message
 

@@ -11,7 +11,8 @@ from typing import AsyncIterator
 from ray import serve
 
 from cluster.config import ServiceConfig
-from cluster.engine import AsyncEngine, EngineBusy, JobCancelled, JobNotFound
+from cluster.engine import EngineBusy, JobCancelled, JobNotFound
+from cluster.engine.service import async_engine_for
 from cluster.messages import CaptionEmbedding, EngineJob, LatentChunk, Progress, QueuePosition, Refusal
 from cluster.serve.dit_start import start_engine
 from cluster.serve.metrics import EngineMetrics
@@ -27,9 +28,7 @@ class DiTEngineDeployment:
     """Streams the events of jobs batched on one engine (see :meth:`run`)."""
 
     def __init__(self, cfg: ServiceConfig):
-        self._engine = AsyncEngine(start_engine(cfg), on_step=EngineMetrics().after_step,
-                                   max_buffered_chunks=cfg.engine.max_buffered_chunks,
-                                   paused_timeout_s=cfg.engine.paused_timeout_s)
+        self._engine = async_engine_for(start_engine(cfg), cfg.engine, on_step=EngineMetrics().after_step)
 
     async def run(self, job: EngineJob) -> AsyncIterator[QueuePosition | Progress | LatentChunk | Refusal]:
         """Submit ``job`` and yield its events (:meth:`AsyncEngine.submit`, :meth:`AsyncEngine.events`);

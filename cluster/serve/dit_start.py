@@ -8,6 +8,7 @@ import logging
 from cluster.capacity import replica_capacity
 from cluster.config import ServiceConfig
 from cluster.engine import Engine
+from cluster.engine.service import engine_for
 from cluster.serve.compute import prepare_replica, replica_device
 from cluster.serve.ranks import start_rank_group
 from stages.dtypes import torch_dtype
@@ -35,6 +36,4 @@ def start_engine(cfg: ServiceConfig) -> Engine:
     if cfg.parallel.world_size > 1:
         ranks = start_rank_group(cfg.parallel, settings, model, str(paths.dit), device, dtype, settings.torch_threads,
                                  attention=cfg.engine.attention)
-    return Engine.from_checkpoint(model, paths.dit, device=device, dtype=torch_dtype(dtype), ranks=ranks,
-                                  attention=cfg.engine.attention, queue_limit=cfg.engine.queue_limit,
-                                  **capacity.engine_kwargs())
+    return engine_for(cfg, model, paths.dit, capacity, device=device, dtype=torch_dtype(dtype), ranks=ranks)

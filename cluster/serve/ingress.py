@@ -24,7 +24,6 @@ job's stream, if the ingress still runs it, then ends with CANCELLED.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import AsyncGenerator, AsyncIterator
 
 import grpc
@@ -42,7 +41,7 @@ from cluster.serve.cancels import check_job_id
 from cluster.serve.drain import Gate, gated
 from cluster.serve.retry import RetryPacer
 from cluster.serve.health import ServingProbe
-from cluster.serve.validate import parse_request, validate_request, validate_update
+from cluster.serve.validate import parse_request, request_spec, validate_update
 from magi.v1 import generate_pb2 as pb
 from stages.errors import InvalidInput
 
@@ -192,12 +191,9 @@ class ServeStages:
 
 
 def _job_spec(request: bytes, model, limits) -> JobSpec:
-    """Parse and validate a Generate request (raw bytes) into its job spec; the job id is the
-    client's or a fresh one.
+    """Parse and validate a Generate request (raw bytes) into its job spec (:func:`request_spec`).
 
     Raises:
         stages.errors.InvalidInput: the request does not parse or a field is invalid (named).
     """
-    req = parse_request(pb.GenerateRequest, request, limits)
-    job_id = check_job_id(req.job_id) if req.job_id else uuid.uuid4().hex
-    return validate_request(req, model, limits, job_id)
+    return request_spec(parse_request(pb.GenerateRequest, request, limits), model, limits)

@@ -8,6 +8,7 @@ request field's path as in the .proto (``prompt_segments[1].text``, ``num_chunks
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 
 import numpy as np
@@ -52,6 +53,16 @@ def parse_request(message_class: type[Message], data: bytes | Message, limits: R
     except DecodeError as exc:
         raise InvalidInput("request", f"not a valid {name} (unparsable bytes or a string "
                                       "field that is not UTF-8)") from exc
+
+
+def request_spec(req: pb.GenerateRequest, model: ModelConfig, limits: RequestLimits) -> JobSpec:
+    """:func:`validate_request` with the job id the client chose (checked) or a fresh one.
+
+    Raises:
+        InvalidInput: a bad ``job_id`` or the first bad field found (named).
+    """
+    job_id = check_job_id(req.job_id) if req.job_id else uuid.uuid4().hex
+    return validate_request(req, model, limits, job_id)
 
 
 def validate_request(
